@@ -1,0 +1,65 @@
+# lmcourse — the two commands of the README, and the steps they are made of.
+#   make course   set up, export, execute every chapter (smoke on CPU, full on a GPU), build the site
+#   make test     set up, check notebooks and package are in sync and clean, lint, run every test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned so that pip never pulls a different (multi-GB CUDA) build on CPU machines.
+TORCH ?= torch==2.13.0
+JOBS ?= 2
+NBS := $(sort $(wildcard nbs/*.ipynb))
+
+.PHONY: course test env export sync-check lint pytest execute docs clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+export: env
+	$(VENV)/bin/nbdev-export
+
+# The package must be what the notebooks export, and notebooks must be committed clean (nbdev-clean).
+sync-check: env
+	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then echo "sync-check: not a git checkout, skipped"; exit 0; fi; \
+	$(VENV)/bin/nbdev-export; \
+	if [ -n "$$(git status --porcelain -- lmcourse)" ]; then \
+		echo "nbdev-export changed lmcourse/: the package is out of sync with the notebooks:"; git status --porcelain -- lmcourse; git diff --stat -- lmcourse; exit 1; fi; \
+	$(VENV)/bin/nbdev-clean; \
+	if [ -n "$$(git status --porcelain -- nbs)" ]; then \
+		echo "nbdev-clean changed nbs/: notebooks carry un-cleaned metadata (run nbdev-clean and commit):"; git status --porcelain -- nbs; exit 1; fi; \
+	echo "sync-check: package and notebooks in sync, notebooks clean"
+
+lint: env
+	$(VENV)/bin/ruff check lmcourse tests scripts conftest.py
+
+pytest: env
+	$(PY) -m pytest tests nbs --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -n $(JOBS) --dist loadscope -q -p no:cacheprovider
+
+test: env sync-check lint pytest
+
+# Execute every chapter in place (outputs are what the site shows): full profile when a GPU is visible.
+execute: export
+	export LMCOURSE_PROFILE=$${LMCOURSE_PROFILE:-$$($(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'smoke')")}; \
+	echo "executing chapters with LMCOURSE_PROFILE=$$LMCOURSE_PROFILE"; \
+	cd nbs && for nb in $(notdir $(NBS)); do \
+		echo "== $$nb"; ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 "$$nb" 2>&1 | grep -v -i "warning" || exit 1; \
+	done
+	$(VENV)/bin/nbdev-clean
+
+# The site: Quarto through nbdev-docs when quarto is installed; otherwise the processed notebooks (_proc/).
+docs: export
+	@if command -v quarto >/dev/null 2>&1; then $(VENV)/bin/nbdev-readme && $(VENV)/bin/nbdev-docs; echo "site built in _docs/"; \
+	else $(PY) scripts/proc_nbs.py; \
+		echo "Quarto is not installed, so the HTML site was not rendered. The processed notebooks are in _proc/."; \
+		echo "Install Quarto from https://quarto.org/docs/get-started/ (a binary download) and run 'make docs' again."; fi
+
+course: env execute docs
+
+clean:
+	rm -rf _proc _docs .pytest_cache

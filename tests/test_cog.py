@@ -1,0 +1,223 @@
+"""Tests of `lmcourse.cog`: sign-exp math, the Triton kernels (interpreter on CPU) against the float64 reference,
+the model and `transformers` adapters, and the convex-hull experiment."""
+import lmcourse  # first: enables the Triton interpreter when no GPU is visible
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmcourse.cog import (cog_attention, cog_attention_ref, cog_attention_weights, cogformer_attention,
+                          make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
+                          train_difference_task)
+from lmcourse.data import Batch
+from lmcourse.model import ModelConfig, Transformer, eager_attention, sdpa_attention
+from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, kernel_device, kernel_dtypes,
+                              random_tensors)
+
+DEVICE = kernel_device()
+
+
+# -- the math -----------------------------------------------------------------------------------------------
+def test_signexp_hand_values():
+    z = math.e ** 2 + math.e + 1
+    w = signexp(torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(w, torch.tensor([math.e ** 2 / z, -math.e / z, 0.0], dtype=torch.float64))
+
+
+def test_signexp_properties_and_masks():
+    g = torch.Generator().manual_seed(fresh_seed())
+    p = torch.randn(6, 13, generator=g, dtype=torch.float64) * 3
+    w = signexp(p)
+    assert torch.allclose(w.abs().sum(-1), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(torch.sign(w), torch.sign(p))
+    mask = torch.rand(6, 13, generator=g) > 0.4
+    mask[2] = False
+    wm = signexp(p, mask)
+    assert wm[~mask].abs().max() == 0 and torch.equal(wm[2], torch.zeros(13, dtype=torch.float64))
+    rows = mask.any(-1)
+    assert torch.allclose(wm[rows].abs().sum(-1), torch.ones(int(rows.sum()), dtype=torch.float64))
+    # the softmax of |p| over the allowed entries only
+    a = p.abs().masked_fill(~mask, float("-inf"))
+    assert torch.allclose(wm[rows], (torch.sign(p) * torch.softmax(a, -1))[rows])
+
+
+def test_backward_formula_matches_autograd():
+    p = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        p[0, 3] = 0.0
+        p[2] = 0.0
+    dP = torch.randn(5, 11, dtype=torch.float64)
+    (auto,) = torch.autograd.grad(signexp(p), p, dP)
+    P = signexp(p.detach())
+    D = (P * dP).sum(-1, keepdim=True)
+    assert torch.allclose(P * (torch.sign(p.detach()) * dP - D), auto, atol=1e-12)
+    s = torch.softmax(p.detach().abs(), -1)          # away from p = 0: dS = s∘dP − P∘D
+    nz = p.detach() != 0
+    assert torch.allclose((s * dP - P * D)[nz], auto[nz], atol=1e-12)
+
+
+def test_reference_softmax_mode_is_eager_attention():
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    assert_close(cog_attention_ref(q, k, v, signed=False), eager_attention(q, k, v, causal=True), 1e-5)
+
+
+# -- the kernel ---------------------------------------------------------------------------------------------
+CASES = [
+    dict(B=1, H=2, Hkv=2, Tq=45, Tk=45, D=16),
+    dict(B=2, H=4, Hkv=2, Tq=37, Tk=70, D=24),                 # GQA, fewer queries (bottom-right), odd head dim
+    dict(B=1, H=2, Hkv=1, Tq=50, Tk=50, D=32, causal=False),
+    dict(B=1, H=2, Hkv=2, Tq=19, Tk=31, D=16, causal=False),   # fewer queries than keys, non-causal
+    dict(B=1, H=2, Hkv=2, Tq=1, Tk=37, D=16),                  # one decoding step
+    dict(B=2, H=2, Hkv=2, Tq=61, Tk=61, D=16, segments=True),
+    dict(B=1, H=2, Hkv=1, Tq=20, Tk=61, D=16, causal=False, segments=True),
+    dict(B=1, H=2, Hkv=2, Tq=40, Tk=40, D=16, zeros=True),     # exact zero logits
+    dict(B=1, H=1, Hkv=1, Tq=33, Tk=33, D=128),
+    dict(B=1, H=2, Hkv=2, Tq=64, Tk=64, D=16, signed=False),
+]
+
+
+def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros=False, dtype=torch.float32):
+    (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, DEVICE, scale=1.5)
+    if zeros:
+        q[:, :, ::5] = 0
+        k[:, :, 1::7] = 0
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(0, 3, (B, Tk), generator=g).sort(-1).values.to(DEVICE) if segments else None
+    return check_against_reference(
+        lambda q, k, v: cog_attention(q, k, v, causal, None, signed, segment_ids=seg),
+        lambda q, k, v: cog_attention_ref(q, k, v, causal, None, segment_ids=seg, signed=signed),
+        [q, k, v], seed=seed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_kernel_matches_reference(case):
+    _check(**case)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
+def test_kernel_dtypes(dtype):
+    _check(B=1, H=2, Hkv=1, Tq=47, Tk=47, D=32, dtype=dtype)
+
+
+def test_kernel_zero_logit_gradients_are_zero():
+    (q, k, v), _ = random_tensors([(1, 1, 20, 16)] * 3, device=DEVICE)
+    q[:, :, 4] = 0
+    q.requires_grad_(True)
+    out = cog_attention(q, k, v)
+    assert out[0, 0, 4].abs().max() == 0              # every logit of row 4 is 0: all weights 0
+    out.sum().backward()
+    assert q.grad[0, 0, 4].abs().max() == 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_softmax_mode_matches_sdpa(causal):
+    (q, k, v), seed = random_tensors([(2, 4, 53, 32)] * 3, device=DEVICE)
+    assert_close(cog_attention(q, k, v, causal, signed=False), F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                 seed=seed)
+
+
+def test_non_contiguous_inputs():
+    (x,), seed = random_tensors([(2, 40, 3, 16)], device=DEVICE)      # [B, T, H, D] viewed as [B, H, T, D]
+    q = k = v = x.transpose(1, 2)
+    assert_close(cog_attention(q, k, v), cog_attention_ref(q.double(), k.double(), v.double()), seed=seed)
+
+
+def test_bad_inputs_raise_clear_errors():
+    (q, k, v), _ = random_tensors([(1, 2, 40, 32)] * 3, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim=8 is not supported"):
+        cog_attention(q[..., :8], k[..., :8], v[..., :8])
+    with pytest.raises(ValueError, match="head_dim=256"):
+        cog_attention(*(torch.randn(1, 1, 4, 256, device=DEVICE) for _ in range(3)))
+    with pytest.raises(ValueError, match="differ"):
+        cog_attention(q, k[:, :, :10], v)
+    with pytest.raises(ValueError, match="multiple"):
+        cog_attention(q, torch.randn(1, 3, 40, 32, device=DEVICE), torch.randn(1, 3, 40, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="supports float32"):
+        cog_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="share a dtype"):
+        cog_attention(q.half(), k, v)
+    for causal in (True, False):
+        with pytest.raises(ValueError, match="more queries"):
+            cog_attention(q, k[:, :, :20], v[:, :, :20], causal)
+    with pytest.raises(ValueError, match="segment_ids"):
+        cog_attention(q, k, v, segment_ids=torch.zeros(1, 7, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        cog_attention(q, k, v, scale=-1.0)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="interpreter"):
+            cog_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        with pytest.raises(ValueError, match="not meta"):
+            cog_attention(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+# -- the model and transformers adapters -----------------------------------------------------------------------
+def test_cogformer_layout_and_kernel_inside_the_model():
+    layers = cogformer_attention(5)
+    assert layers[0] is sdpa_attention and layers[-1] is sdpa_attention and len(set(map(id, layers[1:-1]))) == 1
+    with pytest.raises(ValueError, match="at least 3"):
+        cogformer_attention(2)
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg, attention=cogformer_attention(3))
+    kernel_model = Transformer(cfg, attention=cogformer_attention(3, cog=make_attention_fn(backend="triton")))
+    kernel_model.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 64, (2, 33))
+    segs = torch.tensor([[0] * 10 + [1] * 23, [0] * 33])
+    ref, _ = model(tokens, segment_ids=segs)
+    assert_close(kernel_model(tokens.to(DEVICE) if DEVICE.type == "cpu" else tokens, segment_ids=segs)[0], ref, 1e-4)
+    softmax_model = Transformer(cfg)
+    softmax_model.load_state_dict(model.state_dict())
+    assert (softmax_model(tokens)[0] - model(tokens)[0]).abs().max() > 1e-4      # Cog really changes the middle layer
+    with pytest.raises(ValueError, match="backend"):
+        make_attention_fn(backend="cuda")
+
+
+def test_negative_weight_fraction():
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg, attention=cogformer_attention(4))
+    with torch.no_grad():                               # larger queries/keys so logits are not all tiny
+        for b in model.blocks: b.attn.q_proj.weight.mul_(20)
+    tokens = torch.randint(0, 64, (2, 32))
+    stats = negative_weight_fraction(model, Batch(tokens, tokens, torch.zeros_like(tokens)))
+    assert [s["cog"] for s in stats] == [False, True, True, False]
+    assert stats[0]["negative_fraction"] == 0 and stats[-1]["negative_fraction"] == 0
+    assert all(0.2 < s["negative_fraction"] < 0.8 for s in stats[1:-1])
+
+
+def test_transformers_attention_interface():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 20))
+
+    def logits(impl, x=ids, **kw):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            return model(x, **kw).logits
+
+    eager = logits("eager")
+    assert_close(logits(register_cog_attention("cog_test_softmax", layout="softmax")), eager, 1e-4)
+    cog = logits(register_cog_attention("cog_test"))
+    assert (cog - eager).abs().max() > 1e-3
+    assert_close(logits(register_cog_attention("cog_test_triton", backend="triton")), cog, 1e-4)
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 128
+    assert_close(logits("cog_test", changed)[:, :12], cog[:, :12], 1e-5)        # causal with mask=None
+    padded = logits("cog_test", attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([18, 19]), 0))
+    assert_close(padded[:, :18], cog[:, :18], 1e-4)
+    # every-layer Cog through the kernel equals every-layer Cog through the reference
+    assert_close(logits(register_cog_attention("cog_all_triton", layout="cog", backend="triton")),
+                 logits(register_cog_attention("cog_all_ref", layout="cog", backend="reference")), 1e-4)
+
+
+# -- the experiment ----------------------------------------------------------------------------------------
+def test_convex_hull_experiment():
+    _, softmax = train_difference_task(signed=False)
+    _, cog = train_difference_task(signed=True)
+    assert softmax.val_loss[-1] > 0.5                   # softmax cannot leave the convex hull (best ≈ 1)
+    assert cog.val_loss[-1] < 0.2 * softmax.val_loss[-1], (cog.val_loss[-1], softmax.val_loss[-1])

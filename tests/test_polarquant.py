@@ -1,0 +1,299 @@
+import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET=1 without a GPU)
+
+import math
+
+import pytest
+import torch
+
+from lmcourse.model import KVCache, ModelConfig, Transformer, eager_attention
+from lmcourse.polarquant import (PolarKeyCache, PolarKeys, PolarKVCache, PolarQuantCache, compare_polar_keys,
+                                 decode_attention, evaluate_key_quantizers, from_polar, int_quantize_per_token,
+                                 key_bits_per_element, kivi_quantize_keys, logit_errors, polar_decode_attention,
+                                 polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
+                                 polar_quantize, polar_quantize_triton, structured_keys, to_polar)
+from lmcourse.testing import assert_close, fresh_seed, kernel_device, kernel_dtypes, poisoned_outputs, random_tensors
+
+DEV = kernel_device()
+
+
+def _keys(B, H, T, D, seed, layout="half", dtype=torch.float32):
+    "Structured keys plus fresh noise, so every run sees new inputs."
+    noise, _ = random_tensors([(B, H, T, D)], seed=seed, device="cpu")
+    return (structured_keys(T, D, H, batch=B, n_outlier_pairs=2, layout=layout, seed=seed % 1000) + noise[0]).to(DEV, dtype)
+
+
+# -- reference quantizer ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_polar_round_trip(layout):
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    rho, phi = to_polar(x, layout)
+    assert ((phi >= 0) & (phi < 2 * math.pi + 1e-12)).all()
+    assert_close(from_polar(rho, phi, layout), x, tol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 5), (1, 1), (6, 2)])
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_reconstruction_within_half_step(bits, layout):
+    keys = _keys(2, 2, 96, 32, fresh_seed(), layout).cpu()
+    pk = polar_quantize(keys, *bits, group_size=32, layout=layout)
+    assert pk.codes.dtype == torch.uint8 and int(pk.codes.max()) < 2 ** sum(bits)
+    assert (pk.codes >> bits[1]).max() < 2 ** bits[0]
+    assert max(polar_max_step_error(keys, pk)) <= 0.5 + 1e-4
+    assert polar_dequantize(pk).shape == keys.shape
+
+
+def test_zero_range_block_is_exact():
+    keys = torch.randn(1, 1, 1, 8).expand(1, 1, 4, 8).contiguous()      # four equal tokens: every range is 0
+    assert_close(polar_dequantize(polar_quantize(keys, 4, 4, group_size=4)), keys, tol=1e-6)
+
+
+def test_bad_arguments_raise():
+    keys = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="> 8"): polar_quantize(keys, 5, 4)
+    with pytest.raises(ValueError, match="positive"): polar_quantize(keys, 0, 4)
+    with pytest.raises(ValueError, match="does not divide"): polar_quantize(keys, 4, 4, group_size=48)
+    with pytest.raises(ValueError, match="layout"): polar_quantize(keys, 4, 4, 32, layout="complex")
+    with pytest.raises(ValueError, match=r"\[B, H, T, D\]"): polar_quantize(keys[0], 4, 4, 32)
+    half, inter = polar_quantize(keys, 4, 4, 32), polar_quantize(keys, 4, 4, 32, "interleaved")
+    with pytest.raises(ValueError, match="concatenate"): half.cat(inter)
+    with pytest.raises(ValueError, match="layout"): polar_logits(torch.randn(1, 2, 1, 16), half, layout="interleaved")
+    with pytest.raises(ValueError, match="multiple"): polar_logits(torch.randn(1, 3, 1, 16), half)
+    with pytest.raises(ValueError, match="power-of-two"): polar_quantize_triton(torch.randn(1, 1, 48, 32), 4, 4, 48)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_lookup_table_logits_equal_dequantize_then_dot(layout):
+    seed = fresh_seed()
+    keys, q = _keys(2, 2, 64, 32, seed, layout).cpu(), _keys(2, 6, 3, 32, seed + 1, layout).cpu()
+    pk = polar_quantize(keys, 3, 4, 16, layout)
+    direct = q @ polar_dequantize(pk).repeat_interleave(3, 1).transpose(-1, -2)
+    assert_close(polar_logits(q, pk, layout), direct, tol=1e-5, seed=seed)
+
+
+def test_cat_and_index_batch():
+    keys = torch.randn(3, 2, 64, 16)
+    whole = polar_quantize(keys, 4, 4, 16)
+    parts = polar_quantize(keys[:, :, :32], 4, 4, 16).cat(polar_quantize(keys[:, :, 32:], 4, 4, 16))
+    assert torch.equal(whole.codes, parts.codes) and all(torch.equal(a, b) for a, b in zip(whole.params, parts.params))
+    picked = whole.index_batch(torch.tensor([2, 0]))
+    assert torch.equal(polar_dequantize(picked), polar_dequantize(whole)[[2, 0]])
+
+
+# -- baselines, memory, smoke experiment ---------------------------------------------------------------------
+
+def test_baselines_error_bounds():
+    keys = torch.randn(2, 2, 64, 16)
+    for bits in (2, 4, 8):
+        k_hat = int_quantize_per_token(keys, bits)
+        step = (keys.amax(-1, keepdim=True) - keys.amin(-1, keepdim=True)) / (2 ** bits - 1)
+        assert ((k_hat - keys).abs() <= step / 2 + 1e-5).all()
+        k_hat = kivi_quantize_keys(keys, bits, 16)
+        blocks = keys.view(2, 2, 4, 16, 16)
+        step = ((blocks.amax(3, keepdim=True) - blocks.amin(3, keepdim=True)) / (2 ** bits - 1)).expand_as(blocks)
+        assert ((k_hat.view_as(blocks) - blocks).abs() <= step / 2 + 1e-5).all()
+
+
+def test_bits_per_element_counts_stored_bytes():
+    keys = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    for (n, m), G in [((4, 4), 128), ((3, 3), 128), ((2, 2), 64)]:
+        pk = polar_quantize(keys, n, m, G)
+        assert pk.bits_per_element() == key_bits_per_element("polar", radius_bits=n, angle_bits=m, group_size=G)
+    assert key_bits_per_element("polar") == 4.25
+    assert key_bits_per_element("polar", radius_bits=3, angle_bits=3, byte_per_pair=False) == 3.25
+    assert key_bits_per_element("int_per_token", bits=4, head_dim=128) == 4.25
+    assert key_bits_per_element("kivi", bits=2, group_size=32) == 3.0
+
+
+def test_smoke_polar_beats_per_token_int4():
+    errors = logit_errors(structured_keys(1024, 64, 2), structured_keys(8, 64, 4, seed=1))
+    assert errors["polar 4/4"] <= 0.5 * errors["int4 per token"], errors
+    assert errors["polar 3/3"] < errors["int2 per token"], errors
+
+
+# -- Triton kernels --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 5)])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_quantize_kernel_matches_reference(layout, bits, dtype):
+    seed = fresh_seed()
+    keys = _keys(2, 2, 64, 32, seed, layout, dtype)
+    with poisoned_outputs():
+        actual = polar_quantize_triton(keys, *bits, 16, layout)
+    expected = polar_quantize(keys, *bits, 16, layout)
+    compare_polar_keys(actual, expected, param_tol=1e-5 if dtype == torch.float32 else 5e-3)
+    if dtype == torch.float32:
+        assert max(polar_max_step_error(keys, actual)) <= 0.5 + 1e-4
+
+
+def test_quantize_kernel_strided_keys():
+    keys = _keys(1, 4, 32, 32, fresh_seed())[:, ::2]                       # non-contiguous head stride
+    compare_polar_keys(polar_quantize_triton(keys, 4, 4, 16), polar_quantize(keys, 4, 4, 16))
+
+
+@pytest.mark.parametrize("B,H,Hq,L,D,splits", [(1, 1, 1, 37, 32, None), (2, 2, 8, 50, 32, 3),
+                                                (2, 1, 4, 16, 64, 1), (1, 2, 2, 101, 32, 8)])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
+    (q, k, v), seed = random_tensors([(B, Hq, 1, D), (B, H, L, D), (B, H, L, D)], dtype=dtype)
+    with poisoned_outputs():
+        out = decode_attention(q, k, v, num_splits=splits)
+    assert_close(out, eager_attention(q.double(), k.double(), v.double()).to(dtype), seed=seed)
+
+
+@pytest.mark.parametrize("B,H,Hq,n_blocks,tail,G,splits", [
+    (1, 1, 2, 2, 0, 16, None),        # no tail: the tail chunk is empty
+    (2, 2, 8, 3, 5, 16, 2),           # GQA 4, batch 2, length 53 (not a multiple of G)
+    (2, 1, 4, 1, 31, 32, 1),          # a long tail
+    (1, 2, 2, 4, 1, 16, 7),           # more chunks than blocks: empty chunks
+])
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, layout):
+    seed = fresh_seed()
+    D = 32
+    keys = _keys(B, H, n_blocks * G + tail, D, seed, layout)
+    (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, n_blocks * G + tail, D)], seed=seed)
+    pk = polar_quantize_triton(keys[:, :, :n_blocks * G], 4, 4, G, layout)
+    with poisoned_outputs():
+        out = polar_decode_attention(q, pk, keys[:, :, n_blocks * G:], v, num_splits=splits)
+    assert_close(out, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
+
+
+def test_polar_decode_kernel_fp16_and_3bit():
+    seed = fresh_seed()
+    keys = _keys(1, 2, 40, 32, seed).half()
+    (q, v), _ = random_tensors([(1, 4, 1, 32), (1, 2, 40, 32)], dtype=torch.float16, seed=seed)
+    pk = polar_quantize_triton(keys[:, :, :32], 3, 3, 16)
+    out = polar_decode_attention(q, pk, keys[:, :, 32:], v, num_splits=2)
+    assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, 32:].double(), v.double()).half(), seed=seed)
+
+
+def test_decode_kernels_reject_bad_inputs():
+    q, kv = torch.randn(1, 2, 2, 32, device=DEV), torch.randn(1, 1, 16, 32, device=DEV)
+    with pytest.raises(ValueError, match="one query token"): decode_attention(q, kv, kv)
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        decode_attention(torch.randn(1, 1, 1, 16, device=DEV), *(torch.randn(1, 1, 8, 16, device=DEV),) * 2)
+    pk = polar_quantize(torch.randn(1, 1, 16, 32, device=DEV), 4, 4, 16)
+    with pytest.raises(ValueError, match="values"):
+        polar_decode_attention(q[:, :, :1], pk, kv[:, :, :3], kv)
+
+
+# -- caches ----------------------------------------------------------------------------------------------------
+
+class ReconstructedKVCache(KVCache):
+    "Reference: complete blocks of past keys handed to attention through quantize -> dequantize."
+    def __init__(self, n_layers, group_size):
+        super().__init__(n_layers)
+        self.group_size = group_size
+
+    def update(self, layer, k, v):
+        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        n_old = past // self.group_size * self.group_size
+        keys, values = super().update(layer, k, v)
+        old = polar_dequantize(polar_quantize(keys[:, :, :n_old], 4, 4, self.group_size), keys.dtype)
+        return torch.cat([old, keys[:, :, n_old:]], 2), values
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)).eval()
+
+
+def test_engine_cache_lossless_equals_plain(tiny_model):
+    prompt = torch.randint(0, 64, (2, 13))
+    expected = tiny_model.generate(prompt, 12, cache=KVCache(2))
+    assert torch.equal(tiny_model.generate(prompt, 12, cache=PolarKVCache.for_model(tiny_model, group_size=1)), expected)
+
+
+def test_engine_cache_equals_reconstruction_reference(tiny_model):
+    prompt = torch.randint(0, 64, (2, 13))
+    cache = PolarKVCache.for_model(tiny_model, 4, 4, group_size=4)
+    out = tiny_model.generate(prompt, 12, cache=cache)
+    assert torch.equal(out, tiny_model.generate(prompt, 12, cache=ReconstructedKVCache(2, 4)))
+    layer = cache.layers[1]
+    assert (cache.seq_len, layer.polar.seq_len, layer.tail.shape[2]) == (24, 24, 0)
+    assert layer.values.shape[2] == 24
+
+
+def test_engine_cache_layout_must_match(tiny_model):
+    with pytest.raises(ValueError, match="RoPE layout"):
+        PolarKVCache.for_model(tiny_model, layout="interleaved")
+    torch.manual_seed(1)
+    inter = Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, max_seq_len=64,
+                                    rope_layout="interleaved")).eval()
+    assert PolarKVCache.for_model(inter).layers[0].layout == "interleaved"
+
+
+def test_cache_attend_matches_keys_it_hands_out():
+    store = PolarKeyCache(4, 4, group_size=16)
+    seed = fresh_seed()
+    for T in (20, 1, 11, 1):                                             # prefill then decode-sized appends
+        (k, v), _ = random_tensors([(2, 2, T, 32), (2, 2, T, 32)], seed=seed + T)
+        keys, values = store.append(k, v)
+        assert torch.equal(keys[:, :, -T:], k) and keys.shape == values.shape
+    assert store.polar.seq_len == 32 and store.tail.shape[2] == 1
+    (q,), _ = random_tensors([(2, 4, 1, 32)], seed=seed)
+    assert_close(store.attend(q), eager_attention(q, store.keys(), store.values), seed=seed)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return config, LlamaForCausalLM(config).eval()
+
+
+def test_hf_cache_generate():
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class ReconstructedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n_old = self.get_seq_length() // 4 * 4
+            keys, values = super().update(key_states, value_states)
+            old = polar_dequantize(polar_quantize(keys[:, :, :n_old], 4, 4, 4), keys.dtype)
+            return torch.cat([old, keys[:, :, n_old:]], 2), values
+
+    config, model = _tiny_llama()
+    prompt = torch.randint(0, 128, (2, 9))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    plain = model.generate(prompt, past_key_values=DynamicCache(config=config), **kwargs)
+    assert torch.equal(model.generate(prompt, past_key_values=PolarQuantCache(config, group_size=1), **kwargs), plain)
+    cache = PolarQuantCache(config, 4, 4, group_size=4)
+    out = model.generate(prompt, past_key_values=cache, **kwargs)
+    assert torch.equal(out, model.generate(prompt, past_key_values=Cache(layer_class_to_replicate=ReconstructedLayer), **kwargs))
+    assert cache.get_seq_length() == 18 and cache.layers[0].store.polar.seq_len == 16
+
+
+def test_hf_cache_batch_select_and_reset():
+    config, _ = _tiny_llama()
+    cache = PolarQuantCache(config, group_size=4)
+    k, v = torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    for layer in range(2): cache.update(k, v, layer)
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    store = cache.layers[0].store
+    assert_close(store.keys()[:, :, 8:], k[[2, 0], :, 8:], tol=0.0)
+    assert store.polar.codes.shape[0] == 2 and cache.get_seq_length() == 9
+    cache.reset()
+    assert cache.get_seq_length() == 0
+
+
+def test_evaluate_key_quantizers(tiny_model):
+    tokens = torch.randint(0, 64, (2, 96))
+    out = evaluate_key_quantizers(tiny_model, tokens, residual=32, group_size=16)
+    targets = torch.full_like(tokens, -100)
+    targets[:, -32:-1] = tokens[:, -31:]
+    assert out["n_quantized"] == 64
+    assert abs(out["loss"]["bf16"] - tiny_model(tokens, targets)[1].item()) < 1e-5
+    assert max(out["logit_error"]["bf16"]) == 0.0 and min(out["logit_error"]["polar 3/3"]) > 0
+    with pytest.raises(ValueError, match="no whole block"):
+        evaluate_key_quantizers(tiny_model, tokens[:, :40], residual=32, group_size=16)
+
+
+def test_polar_keys_shapes():
+    pk = polar_quantize(torch.randn(2, 3, 64, 16), 4, 4, 16)
+    assert isinstance(pk, PolarKeys) and pk.shape == (2, 3, 64, 16)
+    assert pk.codes.shape == (2, 3, 4, 16, 8) and pk.rho_min.shape == (2, 3, 4, 8)
