@@ -9,7 +9,7 @@ __all__ = ['DEVICE_SPECS', 'gpu_available', 'bench_ms', 'DeviceSpec', 'device_sp
            'git_commit', 'env_info', 'save_result', 'load_result', 'missing_result', 'run_sweep', 'plot_sweep',
            'speedups']
 
-# %% ../nbs/00e_bench.ipynb #0c451415
+# %% ../nbs/00e_bench.ipynb #553dbbc1
 import datetime
 import json
 import os
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-# %% ../nbs/00e_bench.ipynb #63353c77
+# %% ../nbs/00e_bench.ipynb #d3f47b95
 def gpu_available() -> bool:
     "True when a CUDA GPU is visible (benchmarks and full runs need one)."
     return torch.cuda.is_available()
@@ -35,7 +35,7 @@ def bench_ms(fn: Callable, *, grad_to_none=None, warmup_ms: int = 25, rep_ms: in
     median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
     return {"median": median, "p20": p20, "p80": p80}
 
-# %% ../nbs/00e_bench.ipynb #2fb70fc2
+# %% ../nbs/00e_bench.ipynb #61e278ad
 @dataclass(frozen=True)
 class DeviceSpec:
     name: str
@@ -62,7 +62,7 @@ def roofline_ms(flops: float, bytes_moved: float, device: str | None = None) -> 
     spec = device_spec(device)
     return max(flops / (spec.bf16_tflops * 1e12), bytes_moved / (spec.hbm_tbps * 1e12)) * 1e3
 
-# %% ../nbs/00e_bench.ipynb #e82d429e
+# %% ../nbs/00e_bench.ipynb #fc79f18b
 def repo_root() -> Path:
     "The checkout this package was installed from (editable install), or the working directory."
     import lmcourse
@@ -112,25 +112,28 @@ def missing_result(chapter: str, name: str, how: str = "") -> str:
     print(note)
     return note
 
-# %% ../nbs/00e_bench.ipynb #8ef69d6a
+# %% ../nbs/00e_bench.ipynb #2b4d442d
 def run_sweep(providers: dict[str, Callable], xs: list, *, flops: Callable | None = None,
-              bytes_moved: Callable | None = None, x_name: str = "x", grad_to_none: Callable | None = None) -> dict:
-    "Time each `providers[name](x)()` at each x; rows carry ms quantiles, TFLOP/s, TB/s and the roofline."
+              bytes_moved: Callable | None = None, x_name: str = "x") -> dict:
+    "Time each `providers[name](x)` at each x; rows carry ms quantiles, TFLOP/s, TB/s and the roofline floor."
     rows = []
     for x in xs:
         floor = roofline_ms(flops(x) if flops else 0.0, bytes_moved(x) if bytes_moved else 0.0) if (flops or bytes_moved) else None
         for name, make in providers.items():
-            fn = make(x)
-            t = bench_ms(fn, grad_to_none=grad_to_none(x) if grad_to_none else None)
+            made = make(x)
+            if made is None:
+                continue
+            fn, grads = made if isinstance(made, tuple) else (made, None)
+            t = bench_ms(fn, grad_to_none=grads)
             row = {x_name: x, "provider": name, "ms": t["median"], "ms_p20": t["p20"], "ms_p80": t["p80"], "floor_ms": floor}
             if flops: row["tflops"] = flops(x) / (t["median"] * 1e-3) / 1e12
             if bytes_moved: row["tbps"] = bytes_moved(x) / (t["median"] * 1e-3) / 1e12
             rows.append(row)
-            del fn
+            del made, fn, grads
         torch.cuda.empty_cache()
     return {"x_name": x_name, "rows": rows}
 
-# %% ../nbs/00e_bench.ipynb #56476556
+# %% ../nbs/00e_bench.ipynb #1c25082e
 def plot_sweep(result: dict, y: str = "ms", *, ax=None, logx: bool = True, title: str | None = None):
     "Plot `y` ('ms', 'tflops' or 'tbps') per provider against the sweep's x; the floor is dashed when y is 'ms'."
     import matplotlib.pyplot as plt

@@ -6,10 +6,10 @@ Docs: https://lmcourse.github.io/lmcourse/model.html.md"""
 
 # %% auto #0
 __all__ = ['AttentionFn', 'IGNORE_INDEX', 'ModelConfig', 'RMSNorm', 'rope_frequencies', 'rope_pairs', 'apply_rotary',
-           'RotaryEmbedding', 'NoPositions', 'attention_mask', 'eager_attention', 'sdpa_attention', 'HookPoint',
-           'Attention', 'SwiGLU', 'KVCache', 'Block', 'Transformer']
+           'RotaryEmbedding', 'NoPositions', 'attention_mask', 'check_qkv', 'eager_attention', 'sdpa_attention',
+           'HookPoint', 'Attention', 'SwiGLU', 'KVCache', 'Block', 'Transformer']
 
-# %% ../nbs/00a_model.ipynb #43245e64
+# %% ../nbs/00a_model.ipynb #4b216041
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/00a_model.ipynb #dae1dd84
+# %% ../nbs/00a_model.ipynb #42bbd9ac
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -46,7 +46,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int: return self.d_model // self.n_heads
 
-# %% ../nbs/00a_model.ipynb #f273f591
+# %% ../nbs/00a_model.ipynb #c7121cc9
 class RMSNorm(nn.Module):
     "Root-mean-square norm over the last dimension with a learned gain `weight` [dim]."
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
-# %% ../nbs/00a_model.ipynb #6c5fa473
+# %% ../nbs/00a_model.ipynb #4df3bc1c
 def rope_frequencies(head_dim: int, base: float = 10_000.0, device=None) -> torch.Tensor:
     "θ_j = base^(−2j/D) for j = 0 … D/2 − 1, shape [D/2], float32."
     return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -102,7 +102,7 @@ class NoPositions(nn.Module):
     "No positional encoding (NoPE): queries and keys pass unchanged; a causal mask still orders tokens."
     def forward(self, q, k, positions): return q, k
 
-# %% ../nbs/00a_model.ipynb #4fc1188a
+# %% ../nbs/00a_model.ipynb #45ec62ac
 def attention_mask(tq: int, tk: int, *, causal: bool = True, segment_ids: torch.Tensor | None = None,
                    device=None) -> torch.Tensor | None:
     """Boolean mask, True where query i may attend to key j: [1 or B, 1, Tq, Tk], or None when all is allowed.
@@ -119,7 +119,8 @@ def attention_mask(tq: int, tk: int, *, causal: bool = True, segment_ids: torch.
         mask = same[:, None] if mask is None else mask & same[:, None]
     return mask
 
-def _check_qkv(q, k, v):
+def check_qkv(q, k, v):
+    "Raise a clear error unless q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] fit the attention-function contract."
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape: raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -130,7 +131,7 @@ def _check_qkv(q, k, v):
 
 def eager_attention(q, k, v, *, causal=True, segment_ids=None, scale=None):
     "softmax(q kᵀ · scale + mask) v, materialised: the reference every attention kernel is checked against."
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -141,7 +142,7 @@ def eager_attention(q, k, v, *, causal=True, segment_ids=None, scale=None):
 
 def sdpa_attention(q, k, v, *, causal=True, segment_ids=None, scale=None):
     "The same as `eager_attention` through `F.scaled_dot_product_attention` (flash / memory-efficient kernels)."
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     tq, tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if segment_ids is None and (not causal or tq == 1 or tq == tk):
@@ -149,7 +150,7 @@ def sdpa_attention(q, k, v, *, causal=True, segment_ids=None, scale=None):
     mask = attention_mask(tq, tk, causal=causal, segment_ids=segment_ids, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
-# %% ../nbs/00a_model.ipynb #5267ec5d
+# %% ../nbs/00a_model.ipynb #90638485
 class HookPoint(nn.Module):
     "Identity; register forward hooks on it to read (return None) or replace (return a tensor) the activation."
     def forward(self, x): return x
@@ -157,7 +158,7 @@ class HookPoint(nn.Module):
     @property
     def active(self) -> bool: return bool(self._forward_hooks)
 
-# %% ../nbs/00a_model.ipynb #f09ef9e9
+# %% ../nbs/00a_model.ipynb #512aa1f2
 AttentionFn = Callable[..., torch.Tensor]
 
 class Attention(nn.Module):
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         head_out = self.hook_head_out(torch.einsum("bthe,dhe->bthd", z, w_o))
         return head_out.sum(2)
 
-# %% ../nbs/00a_model.ipynb #c944116b
+# %% ../nbs/00a_model.ipynb #ca2036da
 class SwiGLU(nn.Module):
     "Gated feed-forward block: down(silu(gate(x)) * up(x)), [B, T, d] -> [B, T, d]."
     def __init__(self, d_model: int, d_ffn: int):
@@ -201,7 +202,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x): return self.down(F.silu(self.gate(x)) * self.up(x))
 
-# %% ../nbs/00a_model.ipynb #6c529724
+# %% ../nbs/00a_model.ipynb #078482db
 class KVCache:
     "Plain key/value cache: per layer, the keys and values [B, Hkv, T, D] of every position so far."
     def __init__(self, n_layers: int):
@@ -234,7 +235,7 @@ class Block(nn.Module):
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), positions, segment_ids, cache, layer)))
         return self.hook_resid_post(x + self.hook_mlp_out(self.ffn(self.ffn_norm(x))))
 
-# %% ../nbs/00a_model.ipynb #a1b8971d
+# %% ../nbs/00a_model.ipynb #671ab5c0
 IGNORE_INDEX = -100
 
 def _per_layer(value, n_layers: int, what: str) -> list:
@@ -330,10 +331,16 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        "Training FLOPs per token (forward + backward): 6N for the matmuls plus 12·L·d·T for attention (PaLM)."
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12·L·d·T for attention (PaLM).
+
+        N counts the parameters a token actually uses: a feed-forward block with conditional computation
+        (a mixture of experts) reports its per-token count through an `active_params()` method."""
         c = self.cfg
         # The output head is a matmul even when its weight is the (tied) embedding; the lookup itself is free.
         matmul_params = self.num_params(non_embedding=True) + c.d_model * c.vocab_size * c.tie_embeddings
+        for block in self.blocks:
+            if hasattr(block.ffn, "active_params"):
+                matmul_params += block.ffn.active_params() - sum(p.numel() for p in block.ffn.parameters())
         return 6 * matmul_params + 12 * c.n_layers * c.d_model * seq_len
 
     def hook_points(self) -> dict[str, HookPoint]:

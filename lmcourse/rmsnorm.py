@@ -7,19 +7,19 @@ Docs: https://lmcourse.github.io/lmcourse/triton101.html.md"""
 # %% auto #0
 __all__ = ['MAX_FUSED_N', 'rmsnorm_ref', 'rmsnorm_fwd', 'rmsnorm_bwd', 'RMSNormFunction', 'rmsnorm', 'benchmark_rmsnorm']
 
-# %% ../nbs/00f_triton101.ipynb #ee15338f
+# %% ../nbs/00f_triton101.ipynb #5ef4bdda
 import torch
 import triton
 import triton.language as tl
 
 from .testing import alloc_output, triton_interpreted
 
-# %% ../nbs/00f_triton101.ipynb #1470bf85
+# %% ../nbs/00f_triton101.ipynb #e117c5ce
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     "Reference RMSNorm over the last dim: x [..., N], weight [N] -> [..., N]. Computed in x's dtype."
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
-# %% ../nbs/00f_triton101.ipynb #5e9345d7
+# %% ../nbs/00f_triton101.ipynb #7f611087
 @triton.jit
 def _rmsnorm_fwd_kernel(
     X, W, Y, RSTD,           # pointers: input [M, N], gain [N], output [M, N], saved 1/rms [M] (fp32)
@@ -36,7 +36,7 @@ def _rmsnorm_fwd_kernel(
     tl.store(RSTD + i_row, b_rstd)
     tl.store(Y + i_row * stride_y + o_n, (b_x * b_rstd * b_w).to(Y.dtype.element_ty), mask=m_n)
 
-# %% ../nbs/00f_triton101.ipynb #f28d8742
+# %% ../nbs/00f_triton101.ipynb #defe39bf
 @triton.jit
 def _rmsnorm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PART,   # upstream grad [M, N], input [M, N], gain [N], 1/rms [M], dx [M, N], partial dw [P, N] fp32
@@ -61,7 +61,7 @@ def _rmsnorm_bwd_kernel(
         b_dw += b_dy * b_x * b_rstd
     tl.store(DW_PART + i_prog * N + o_n, b_dw, mask=m_n)
 
-# %% ../nbs/00f_triton101.ipynb #2428f014
+# %% ../nbs/00f_triton101.ipynb #568c65c4
 MAX_FUSED_N = 65536   # one row must fit in one program's registers
 
 def _backward_programs(m: int, device: torch.device) -> int:
@@ -119,7 +119,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
     "Fused Triton RMSNorm over the last dim, differentiable in x and weight: x [..., N], weight [N] -> [..., N]."
     return RMSNormFunction.apply(x, weight, eps)
 
-# %% ../nbs/00f_triton101.ipynb #7bb9e561
+# %% ../nbs/00f_triton101.ipynb #96109e53
 def benchmark_rmsnorm(m: int = 16384, ns=(1024, 2048, 4096, 8192, 16384), dtype=torch.bfloat16) -> dict:
     "GPU sweep of RMSNorm providers over hidden sizes `ns`; returns {'forward': result, 'backward': result}."
     from lmcourse.bench import run_sweep
@@ -143,7 +143,7 @@ def benchmark_rmsnorm(m: int = 16384, ns=(1024, 2048, 4096, 8192, 16384), dtype=
         def make(n):
             x, w = inputs(n, True)
             dy = torch.randn_like(x)
-            return lambda: fns[name](x, w).backward(dy)
+            return (lambda: fns[name](x, w).backward(dy)), [x, w]
         return make
 
     elem = torch.finfo(dtype).bits // 8

@@ -14,7 +14,6 @@ import argparse
 import time
 
 import lmcourse  # noqa: F401  (first, as everywhere)
-import torch
 
 from lmcourse.bench import gpu_available, save_result
 from lmcourse.cog import benchmark_cog, cog_attention, cog_attention_ref, cog_lm_comparison

@@ -1,6 +1,6 @@
 """Tests of `lmcourse.cog`: sign-exp math, the Triton kernels (interpreter on CPU) against the float64 reference,
 the model and `transformers` adapters, and the convex-hull experiment."""
-import lmcourse  # first: enables the Triton interpreter when no GPU is visible
+import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcourse.cog import (cog_attention, cog_attention_ref, cog_attention_weights, cogformer_attention,
+from lmcourse.cog import (cog_attention, cog_attention_ref, cogformer_attention,
                           make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch

@@ -6,7 +6,9 @@ import torch
 from lmcourse.rmsnorm import rmsnorm, rmsnorm_ref
 from lmcourse.testing import check_against_reference, kernel_device, kernel_dtypes, random_tensors
 
-SHAPES = [(1, 1), (4, 7), (3, 5, 64), (17, 130), (2, 3, 257), (9, 1000)]
+# N = 1 is left out on purpose: there y = sign(x)·w, the true gradient is O(eps), and every fp32 formula
+# cancels catastrophically (1 − r²x² with r²x² ≈ 1), so a relative-error check would test rounding, not the kernel.
+SHAPES = [(1, 2), (4, 7), (3, 5, 64), (17, 130), (2, 3, 257), (9, 1000)]
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
