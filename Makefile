@@ -48,7 +48,7 @@ execute: export
 	export LMCOURSE_PROFILE=$${LMCOURSE_PROFILE:-$$($(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'smoke')")}; \
 	echo "executing chapters with LMCOURSE_PROFILE=$$LMCOURSE_PROFILE"; \
 	cd nbs && for nb in $(notdir $(NBS)); do \
-		echo "== $$nb"; ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 "$$nb" 2>&1 | grep -v -i "warning" || exit 1; \
+		echo "== $$nb"; ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=3600 "$$nb" || exit 1; \
 	done
 	$(VENV)/bin/nbdev-clean
 

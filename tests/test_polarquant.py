@@ -7,6 +7,7 @@ import torch
 
 from lmcourse.model import KVCache, ModelConfig, Transformer, eager_attention
 from lmcourse.polarquant import (PolarKeyCache, PolarKeys, PolarKVCache, PolarQuantCache, compare_polar_keys,
+                                 polar_cache_attention,
                                  decode_attention, evaluate_key_quantizers, from_polar, int_quantize_per_token,
                                  key_bits_per_element, kivi_quantize_keys, logit_errors, polar_decode_attention,
                                  polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
@@ -215,6 +216,22 @@ def test_engine_cache_equals_reconstruction_reference(tiny_model):
     layer = cache.layers[1]
     assert (cache.seq_len, layer.polar.seq_len, layer.tail.shape[2]) == (24, 24, 0)
     assert layer.values.shape[2] == 24
+
+
+def test_fused_decode_through_generate():
+    torch.manual_seed(0)   # the decode kernels need head_dim >= 32
+    tiny_model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=96)).eval()
+    fused_model = Transformer(tiny_model.cfg, attention=polar_cache_attention).eval()
+    fused_model.load_state_dict(tiny_model.state_dict())
+    prompt = torch.randint(0, 64, (2, 13))
+    lossless = PolarKVCache.for_model(fused_model, group_size=1, fused=True)
+    assert torch.equal(fused_model.generate(prompt, 6, cache=lossless), tiny_model.generate(prompt, 6, cache=KVCache(2)))
+    fused, plain = (PolarKVCache.for_model(tiny_model, 4, 4, group_size=4, fused=f) for f in (True, False))
+    fused_model(prompt, cache=fused)
+    tiny_model(prompt, cache=plain)
+    step = torch.randint(0, 64, (2, 1))          # 13 + 1 tokens: the step does not complete a block
+    assert_close(fused_model(step, cache=fused)[0], tiny_model(step, cache=plain)[0], name="decode step logits")
+    assert fused.layers[0].polar.seq_len == 12 and fused.layers[0].tail.shape[2] == 2
 
 
 def test_engine_cache_layout_must_match(tiny_model):
