@@ -7,20 +7,19 @@ Docs: https://lmcourse.github.io/lmcourse/baseline.html.md"""
 # %% auto #0
 __all__ = ['baseline_configs', 'baseline_data', 'train_baseline', 'mfu', 'load_or_train_baseline', 'main']
 
-# %% ../nbs/00g_baseline.ipynb #0a6aba2e
+# %% ../nbs/00g_baseline.ipynb #f6d3c938
 import argparse
 import json
 import os
 from dataclasses import asdict
 
 import torch
-from fastcore.basics import IN_NOTEBOOK
 
 from .data import Batch, TokenStream, bpe_tokenizer, cache_dir, load_corpus
 from .model import ModelConfig, Transformer
 from .train import TrainConfig, current_profile, default_device, load_checkpoint, save_checkpoint, train
 
-# %% ../nbs/00g_baseline.ipynb #dfcf72b5
+# %% ../nbs/00g_baseline.ipynb #b8913e7a
 def baseline_configs(profile: str | None = None) -> dict:
     "Tokenizer, data, model and training settings of the baseline for `profile` (default: the active one)."
     smoke = (profile or current_profile()) == "smoke"
@@ -43,7 +42,7 @@ def baseline_data(configs: dict):
         return streams[split].batch(cfg.batch_size, cfg.seq_len, generator)
     return tok, get_batch, streams
 
-# %% ../nbs/00g_baseline.ipynb #75c2b74b
+# %% ../nbs/00g_baseline.ipynb #050e85a4
 def train_baseline(profile: str | None = None, device=None, progress: bool = True, steps: int | None = None):
     "Train the baseline for `profile` (optionally for another number of `steps`); returns (model, tokenizer, history)."
     configs = baseline_configs(profile)
@@ -79,7 +78,7 @@ def load_or_train_baseline(profile: str | None = None, device=None, progress: bo
     save_checkpoint(path, model, step=configs["train"].steps, history=history)
     return model, tok, history
 
-# %% ../nbs/00g_baseline.ipynb #39ce5c5d
+# %% ../nbs/00g_baseline.ipynb #ef99195a
 def main(argv=None):
     "Command line: train the baseline for a profile and store its history, tokens/s and MFU under results/."
     from lmcourse.bench import env_info, gpu_available, save_result
@@ -101,6 +100,3 @@ def main(argv=None):
             print(save_result("baseline", args.profile, payload))
         print(json.dumps({k: payload[k] for k in ("tokens_per_s", "mfu")}), env_info()["device"])
     return history
-
-if __name__ == "__main__" and not IN_NOTEBOOK:
-    main()

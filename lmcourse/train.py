@@ -9,7 +9,7 @@ __all__ = ['PROFILES', 'current_profile', 'by_profile', 'default_device', 'seed_
            'default_loss', 'make_optimizer', 'evaluate', 'train', 'save_checkpoint', 'load_checkpoint',
            'init_distributed']
 
-# %% ../nbs/00c_train.ipynb #89ca615a
+# %% ../nbs/00c_train.ipynb #513bd614
 import math
 import os
 import random
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .data import Batch
 
-# %% ../nbs/00c_train.ipynb #a1dd664f
+# %% ../nbs/00c_train.ipynb #b9f9386e
 PROFILES = ("smoke", "full")
 
 def current_profile() -> str:
@@ -47,7 +47,7 @@ def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/00c_train.ipynb #2b47e4f1
+# %% ../nbs/00c_train.ipynb #c0744845
 @dataclass
 class TrainConfig:
     "Everything the loop needs besides the model and the data; sizes usually come from `by_profile`."
@@ -81,7 +81,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     lo = cfg.lr * cfg.min_lr_ratio
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-# %% ../nbs/00c_train.ipynb #7d27e7db
+# %% ../nbs/00c_train.ipynb #53237745
 @dataclass
 class History:
     steps: list[int] = field(default_factory=list)
@@ -113,7 +113,7 @@ class History:
         ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); ax.grid(alpha=0.3)
         return ax
 
-# %% ../nbs/00c_train.ipynb #1fd3de7a
+# %% ../nbs/00c_train.ipynb #aff074e1
 def default_loss(model: nn.Module, batch: Batch):
     "The model's own loss: `model(inputs, targets, segment_ids=...)`."
     _, loss = model(batch.inputs, batch.targets, segment_ids=batch.segment_ids)
@@ -196,7 +196,7 @@ def train(model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], 
     hist.tokens_per_s = tokens / hist.seconds
     return hist
 
-# %% ../nbs/00c_train.ipynb #05172597
+# %% ../nbs/00c_train.ipynb #c6ebf698
 def save_checkpoint(path, model: nn.Module, *, optimizer=None, step: int = 0, history: History | None = None, **extra):
     "Save weights, config (if the model has a dataclass `cfg`), optimizer state, step, history and `extra`."
     path = Path(path)
@@ -216,7 +216,7 @@ def load_checkpoint(path, model: nn.Module | None = None, *, optimizer=None, map
     if optimizer is not None and state["optimizer"] is not None: optimizer.load_state_dict(state["optimizer"])
     return state
 
-# %% ../nbs/00c_train.ipynb #61a08c58
+# %% ../nbs/00c_train.ipynb #832d7040
 def init_distributed() -> torch.device:
     "Initialise torch.distributed from torchrun's environment; return this rank's device."
     if "RANK" not in os.environ:
