@@ -12,7 +12,7 @@ __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_
            'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds', 'lm_data',
            'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
 
-# %% ../nbs/05_aoe.ipynb #5f59790a
+# %% ../nbs/05_aoe.ipynb #0e2f929e
 import math
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ import triton.language as tl
 from .model import ModelConfig, Transformer
 from .testing import alloc_output
 
-# %% ../nbs/05_aoe.ipynb #6f61c7be
+# %% ../nbs/05_aoe.ipynb #f2b5b805
 def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
     "Hidden size D of an AoE expert with as many parameters as a SwiGLU expert of width `d_ffn`: round((3dF − rd)/(r + 2d))."
     if min(d_model, d_ffn, d_low) < 1: raise ValueError("d_model, d_ffn and d_low must be positive")
@@ -46,7 +46,7 @@ def param_mismatch(d_model: int, d_ffn: int, d_low: int) -> dict:
     return dict(d_low=d_low, d_wide=D, d_wide_exact=(3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model),
                 moe_expert=moe, aoe_expert=aoe, diff=aoe - moe, rel_diff=(aoe - moe) / moe)
 
-# %% ../nbs/05_aoe.ipynb #eb29e6f9
+# %% ../nbs/05_aoe.ipynb #de3db3c8
 def topk_softmax(scores: torch.Tensor, top_k: int):
     "scores [T, n] -> (indices [T, K] int64, weights [T, K] fp32): the top-K scores and a softmax over them."
     values, idx = torch.topk(scores.float(), top_k, dim=-1)
@@ -69,7 +69,7 @@ def router_gate_reference(x: torch.Tensor, w_router: torch.Tensor, top_k: int):
     idx, weights = topk_softmax(logits, top_k)
     return logits, idx, weights, torch.bincount(idx.flatten(), minlength=w_router.shape[0]), torch.softmax(logits, -1).sum(0)
 
-# %% ../nbs/05_aoe.ipynb #6e0d70b0
+# %% ../nbs/05_aoe.ipynb #040a9f48
 @dataclass
 class ExpertSort:
     "The (token, expert) pairs sorted by expert. Row i of the sorted order is pair `order[i]` of the flattened [T, K]."
@@ -102,7 +102,7 @@ def combine_rows(y_rows: torch.Tensor, weights: torch.Tensor, sort: ExpertSort, 
     g = weights.flatten()[sort.order].to(y_rows.dtype)
     return y_rows.new_zeros(n_tokens, y_rows.shape[1]).index_add_(0, sort.tokens.long(), y_rows * g[:, None])
 
-# %% ../nbs/05_aoe.ipynb #5e57100c
+# %% ../nbs/05_aoe.ipynb #7c502185
 @triton.jit
 def _aoe_gate_fwd_kernel(
     x_ptr,          # [T, d] tokens
@@ -224,7 +224,7 @@ def _aoe_gate_bwd_kernel(
             b_dc = tl.load(dc_ptr + o_mr, mask=m_mr, other=0.0).to(tl.float32)
             tl.store(dct_ptr + o_mr, (b_dc + b_ce[:, None] * b_c).to(dct_ptr.dtype.element_ty), mask=m_mr)
 
-# %% ../nbs/05_aoe.ipynb #f0f3ffff
+# %% ../nbs/05_aoe.ipynb #07ae49f2
 def _pow2(n: int, lo: int = 16) -> int: return max(lo, triton.next_power_of_2(n))
 
 def _gate_blocks(x: torch.Tensor, d: int, r: int, n: int, k: int) -> dict:
@@ -282,7 +282,7 @@ def aoe_gate(x: torch.Tensor, w_down: torch.Tensor, top_k: int):
     Differentiable in x and w_down through the cache, the norms, the weights and prob_sum."""
     return AoEGateFunction.apply(x, w_down, top_k)
 
-# %% ../nbs/05_aoe.ipynb #4ff656ab
+# %% ../nbs/05_aoe.ipynb #167c17b0
 @triton.jit
 def _grouped_swiglu_fwd_kernel(
     z_ptr,           # [Nz, R] gate-branch inputs (AoE: cache [T·n, r]; MoE: tokens [T, d])
@@ -402,7 +402,7 @@ def _grouped_weight_grad_kernel(
     p_dw = dw_ptr + i_e.to(tl.int64) * stride_we + o_k[:, None] * stride_wk + o_n[None, :]
     tl.store(p_dw, b_acc.to(dw_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
 
-# %% ../nbs/05_aoe.ipynb #937812af
+# %% ../nbs/05_aoe.ipynb #e5f48c2e
 def _grouped_blocks(device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if device.type == "cuda" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
@@ -500,7 +500,7 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
     h = F.silu(torch._grouped_mm(z[z_rows.long()], w_gate, offs=ends)) * torch._grouped_mm(x[x_rows.long()], w_p, offs=ends)
     return torch._grouped_mm(h, w_o, offs=ends)
 
-# %% ../nbs/05_aoe.ipynb #ea399b2e
+# %% ../nbs/05_aoe.ipynb #e8f032b8
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
@@ -607,7 +607,7 @@ class AoELayer(_SparseSwiGLU):
         cache, norms, idx, weights, counts, prob_sum = gate(x, self.w_down.to(dtype), self.top_k)
         return cache.view(-1, self.d_low), True, self.w_up.to(dtype), norms, idx, weights, counts, prob_sum
 
-# %% ../nbs/05_aoe.ipynb #0fb800d2
+# %% ../nbs/05_aoe.ipynb #ffc17fa9
 def layer_flops(kind: str, tokens: int, d_model: int, n_experts: int, top_k: int, d_ffn: int,
                 d_low: int | None = None) -> float:
     "Forward FLOPs of one MoE ('moe') or parameter-matched AoE ('aoe') layer on `tokens` tokens."
@@ -619,7 +619,7 @@ def layer_flops(kind: str, tokens: int, d_model: int, n_experts: int, top_k: int
         return 2 * T * d * n * d_low + 2 * T * K * (d_low * D + 2 * d * D)
     raise ValueError(f"kind must be 'moe' or 'aoe', got {kind!r}")
 
-# %% ../nbs/05_aoe.ipynb #70c95813
+# %% ../nbs/05_aoe.ipynb #609b6958
 BENCH_SHAPES = {
     "mixtral": dict(tokens=4096, d_model=4096, d_ffn=14336, n_experts=8, top_k=2, d_low=512),
     "fine-grained": dict(tokens=16384, d_model=2048, d_ffn=768, n_experts=64, top_k=8, d_low=128),
@@ -697,7 +697,7 @@ def plot_benchmark(result: dict, mode: str = "fwd+bwd"):
     ax.set_title(f"{mode}, bf16 — {env.get('device', '?')}, {env.get('date', '?')[:10]}", fontsize=9)
     return ax
 
-# %% ../nbs/05_aoe.ipynb #b48cf9c3
+# %% ../nbs/05_aoe.ipynb #205a80d0
 def two_stage_toy(kind: str, seed: int = 0, dim: int = 64, noise: float = 0.25, mean_norm: float = 3.0,
                   steps: int = 150, batch: int = 128, lr: float = 3e-3) -> dict:
     """Appendix-B-style toy: a 2-expert top-1 layer + linear head; stage 1 classes {+μ, −μ}, stage 2 adds a zero-mean class.
@@ -731,7 +731,7 @@ def two_stage_toy(kind: str, seed: int = 0, dim: int = 64, noise: float = 0.25, 
                                selection_entropy=layer.selection_entropy.item()))
     return dict(kind=kind, seed=seed, stages=stages)
 
-# %% ../nbs/05_aoe.ipynb #a7d60cba
+# %% ../nbs/05_aoe.ipynb #3fef4354
 LM_SIZES = {
     "smoke": dict(n_layers=2, d_model=64, n_heads=2, n_experts=4, top_k=2, d_ffn=128, d_low=16, seq_len=64,
                   batch_size=8, steps=30, lr=3e-3, warmup_steps=3, eval_every=15, eval_batches=2,
@@ -754,11 +754,10 @@ def token_kinds(tokenizer) -> torch.Tensor:
 
 def lm_data(size: dict):
     "Tokenizer and a `get_batch(split, generator)` over the stdlib corpus."
-    from lmcourse.data import ByteTokenizer, TokenStream, bpe_tokenizer, load_corpus
+    from lmcourse.data import ByteTokenizer, bpe_tokenizer, corpus_streams, stream_batches
     tok = ByteTokenizer() if size["tokenizer"] == "byte" else bpe_tokenizer(4096)
-    streams = {split: TokenStream.from_docs(load_corpus("stdlib", split, max_bytes=size[f"{split}_bytes"]), tok)
-               for split in ("train", "val")}
-    return tok, lambda split, g: streams[split].batch(size["batch_size"], size["seq_len"], g)
+    streams = corpus_streams(tok, size["train_bytes"], size["val_bytes"])
+    return tok, stream_batches(streams, size["batch_size"], size["seq_len"])
 
 def lm_model(kind: str, size: dict, vocab_size: int, impl: str = "auto") -> Transformer:
     "An LM whose feed-forward blocks are MoELayer ('moe') or parameter-matched AoELayer ('aoe')."
@@ -833,7 +832,7 @@ def plot_lm_runs(runs: list[dict]):
     fig2.tight_layout()
     return fig, fig2
 
-# %% ../nbs/05_aoe.ipynb #07c67449
+# %% ../nbs/05_aoe.ipynb #f0e62f13
 def swap_mlp_for_aoe(model, d_low: int, n_experts: int = 8, top_k: int = 2, **kw) -> list[AoELayer]:
     "Replace every `model.model.layers[i].mlp` of a Hugging Face Llama-style model by a parameter-matched AoELayer."
     c = model.config

@@ -7,7 +7,7 @@ Docs: https://lmcourse.github.io/lmcourse/baseline.html.md"""
 # %% auto #0
 __all__ = ['baseline_configs', 'baseline_data', 'train_baseline', 'mfu', 'load_or_train_baseline', 'main']
 
-# %% ../nbs/00g_baseline.ipynb #f6d3c938
+# %% ../nbs/00g_baseline.ipynb #68620532
 import argparse
 import json
 import os
@@ -15,11 +15,11 @@ from dataclasses import asdict
 
 import torch
 
-from .data import Batch, TokenStream, bpe_tokenizer, cache_dir, load_corpus
+from .data import bpe_tokenizer, cache_dir, corpus_streams, stream_batches
 from .model import ModelConfig, Transformer
 from .train import TrainConfig, current_profile, default_device, load_checkpoint, save_checkpoint, train
 
-# %% ../nbs/00g_baseline.ipynb #b8913e7a
+# %% ../nbs/00g_baseline.ipynb #e6e02eaa
 def baseline_configs(profile: str | None = None) -> dict:
     "Tokenizer, data, model and training settings of the baseline for `profile` (default: the active one)."
     smoke = (profile or current_profile()) == "smoke"
@@ -33,16 +33,12 @@ def baseline_configs(profile: str | None = None) -> dict:
     return {"tokenizer": tok, "data": data, "model": model, "train": training}
 
 def baseline_data(configs: dict):
-    "The tokenizer and a `get_batch(split, generator)` over the packed stdlib corpus."
+    "The tokenizer, a `get_batch(split, generator)` over the packed stdlib corpus, and the streams."
     tok = bpe_tokenizer(**configs["tokenizer"])
-    streams = {split: TokenStream.from_docs(load_corpus("stdlib", split, max_bytes=configs["data"][f"{split}_bytes"]), tok)
-               for split in ("train", "val")}
-    cfg = configs["train"]
-    def get_batch(split: str, generator: torch.Generator) -> Batch:
-        return streams[split].batch(cfg.batch_size, cfg.seq_len, generator)
-    return tok, get_batch, streams
+    streams = corpus_streams(tok, **configs["data"])
+    return tok, stream_batches(streams, configs["train"].batch_size, configs["train"].seq_len), streams
 
-# %% ../nbs/00g_baseline.ipynb #050e85a4
+# %% ../nbs/00g_baseline.ipynb #255ddab4
 def train_baseline(profile: str | None = None, device=None, progress: bool = True, steps: int | None = None):
     "Train the baseline for `profile` (optionally for another number of `steps`); returns (model, tokenizer, history)."
     configs = baseline_configs(profile)
@@ -78,7 +74,7 @@ def load_or_train_baseline(profile: str | None = None, device=None, progress: bo
     save_checkpoint(path, model, step=configs["train"].steps, history=history)
     return model, tok, history
 
-# %% ../nbs/00g_baseline.ipynb #ef99195a
+# %% ../nbs/00g_baseline.ipynb #2680c299
 def main(argv=None):
     "Command line: train the baseline for a profile and store its history, tokens/s and MFU under results/."
     from lmcourse.bench import env_info, gpu_available, save_result

@@ -12,7 +12,7 @@ __all__ = ['LOG2E', 'MIN_HEAD_DIM', 'MAX_HEAD_DIM', 'CPU_BLOCKS', 'cog_attn', 'I
            'lm_corpus', 'CogLMConfig', 'cog_lm_config', 'train_cog_lm', 'cog_layers', 'negative_weight_fraction',
            'ioi_accuracy', 'oversquashing_probe', 'cog_lm_comparison', 'cog_hf_attention_fn', 'register_cog_attention']
 
-# %% ../nbs/03_cog.ipynb #0e060163
+# %% ../nbs/03_cog.ipynb #240b347b
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +25,7 @@ import triton.language as tl
 from .model import AttentionFn, ModelConfig, Transformer, check_qkv, attention_mask, sdpa_attention
 from .testing import alloc_output, triton_interpreted
 
-# %% ../nbs/03_cog.ipynb #1a1d0ab4
+# %% ../nbs/03_cog.ipynb #d509766b
 def signexp(scores: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
     """Sign-exp normalisation: sign(p) · softmax(|p|) along `dim`.
 
@@ -39,7 +39,7 @@ def signexp(scores: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -
         s = torch.where(mask.any(dim, keepdim=True), s, 0.0)   # fully masked rows: 0 instead of NaN
     return torch.sign(scores) * s
 
-# %% ../nbs/03_cog.ipynb #7a21029f
+# %% ../nbs/03_cog.ipynb #842ef68f
 def cog_attention_weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
                           segment_ids: torch.Tensor | None = None, scale: float | None = None,
                           signed: bool = True) -> torch.Tensor:
@@ -66,7 +66,7 @@ def cog_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     w = cog_attention_weights(q, k, causal=causal, segment_ids=segment_ids, scale=scale, signed=signed)
     return w @ v.repeat_interleave(q.shape[1] // k.shape[1], 1)
 
-# %% ../nbs/03_cog.ipynb #55287d9a
+# %% ../nbs/03_cog.ipynb #32247008
 @triton.jit
 def _load_rows(p, o_rows, o_d, stride_t, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
@@ -121,7 +121,7 @@ def _key_ranges(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
         hi = Tk
     return full_end, hi
 
-# %% ../nbs/03_cog.ipynb #f7d4c80e
+# %% ../nbs/03_cog.ipynb #adc1a17b
 @triton.jit
 def _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, lo, hi,
                    Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -182,7 +182,7 @@ def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32
              b_o.to(o.dtype.element_ty), mask=m_o)
     tl.store(lse + i_bh * Tq + o_m, b_lse, mask=o_m < Tq)
 
-# %% ../nbs/03_cog.ipynb #4e3d9bc9
+# %% ../nbs/03_cog.ipynb #18030448
 @triton.jit
 def _cog_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, o_n, o_d, p_seg,
                         lo, hi, Tq, Tk, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -253,7 +253,7 @@ def _cog_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, seg,
     tl.store(dv + i_b * stride_dvb + i_hk * stride_dvh + o_n[:, None] * stride_dvt + o_d[None, :],
              b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
-# %% ../nbs/03_cog.ipynb #14ec8c38
+# %% ../nbs/03_cog.ipynb #205eb691
 @triton.jit
 def _cog_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
                       lo, hi, Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -309,7 +309,7 @@ def _cog_bwd_dq_kernel(q, k, v, do, lse, delta, dq, seg,
     tl.store(dq + i_b * stride_dqb + i_h * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
 
-# %% ../nbs/03_cog.ipynb #c56da9fc
+# %% ../nbs/03_cog.ipynb #7cf95e8a
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 CPU_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -338,7 +338,7 @@ def _blocks():
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
-# %% ../nbs/03_cog.ipynb #e817307e
+# %% ../nbs/03_cog.ipynb #9bcf26af
 def _check_kernel_inputs(q, k, v, causal, scale, segment_ids):
     "Raise a clear error for anything the kernel does not cover."
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -370,7 +370,7 @@ def _check_kernel_inputs(q, k, v, causal, scale, segment_ids):
                              f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
         if segment_ids.device != q.device: raise ValueError("segment_ids must be on the device of q")
 
-# %% ../nbs/03_cog.ipynb #6d1535e8
+# %% ../nbs/03_cog.ipynb #be1de9ef
 def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool):
     "Launch the forward kernel: returns o [B, H, Tq, D] and the base-2 LSE [B, H, Tq] (fp32)."
     B, H, Tq, D = q.shape
@@ -441,7 +441,7 @@ def cog_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     _check_kernel_inputs(q, k, v, causal, scale, segment_ids)
     return CogAttentionFunction.apply(q, k, v, segment_ids, bool(causal), float(scale), bool(signed))
 
-# %% ../nbs/03_cog.ipynb #c078f7ae
+# %% ../nbs/03_cog.ipynb #3a81b370
 def flex_cog_attention(q, k, v, causal: bool = True, scale: float | None = None):
     """Cog attention as two FlexAttention calls (forward only): softmax over the positive logits and over the
     negative ones, combined with their log-sum-exps. Exact except where a logit is exactly 0."""
@@ -505,7 +505,7 @@ def benchmark_cog(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192, 16384), hea
         results[f"forward_hd{D}"], results[f"backward_hd{D}"] = fwd_res, bwd_res
     return results
 
-# %% ../nbs/03_cog.ipynb #b2bae906
+# %% ../nbs/03_cog.ipynb #f30bfe8a
 def make_attention_fn(signed: bool = True, backend: str = "auto") -> AttentionFn:
     """An attention function for `lmcourse.model` (`fn(q, k, v, *, causal, segment_ids, scale)`).
 
@@ -530,7 +530,7 @@ def cogformer_attention(n_layers: int, cog: AttentionFn | None = None,
     cog, softmax = cog or cog_attn, softmax or sdpa_attention
     return [softmax] + [cog] * (n_layers - 2) + [softmax]
 
-# %% ../nbs/03_cog.ipynb #9a01c7f5
+# %% ../nbs/03_cog.ipynb #53ae143d
 from .data import Batch
 from .train import TrainConfig, by_profile, train
 
@@ -572,8 +572,8 @@ def train_difference_task(signed: bool, steps: int = 200, *, dim: int = 16, batc
                     device="cpu")
     return model, history
 
-# %% ../nbs/03_cog.ipynb #dd9ca1f3
-from .data import ByteTokenizer, TokenStream, load_corpus
+# %% ../nbs/03_cog.ipynb #87527cea
+from .data import ByteTokenizer, TokenStream, load_corpus, stream_batches
 
 IOI_NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Kevin",
              "Laura", "Mallory", "Nora", "Oscar", "Peggy", "Quinn", "Rupert", "Sybil", "Trent", "Victor", "Walter"]
@@ -616,7 +616,7 @@ def lm_corpus(split: str, max_bytes: int, n_synthetic: int, seed: int = 0) -> li
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
     return [docs[i] for i in order]
 
-# %% ../nbs/03_cog.ipynb #c4462e4e
+# %% ../nbs/03_cog.ipynb #0bd7335e
 @dataclass
 class CogLMConfig:
     "Sizes of the LM comparison (smoke: CPU seconds; full: one H100, minutes)."
@@ -647,7 +647,7 @@ def train_cog_lm(layout: str, cfg: CogLMConfig, streams: dict, seed: int = 0):
     attention = cogformer_attention(n, softmax=softmax) if layout == "cog" else [softmax] * n
     model = Transformer(cfg.model, attention=attention)
     tcfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
-    history = train(model, lambda split, g: streams[split].batch(tcfg.batch_size, tcfg.seq_len, g), tcfg)
+    history = train(model, stream_batches(streams, tcfg.batch_size, tcfg.seq_len), tcfg)
     return model, history
 
 def cog_layers(model: Transformer) -> list[bool]:
@@ -671,7 +671,7 @@ def negative_weight_fraction(model: Transformer, batch: Batch) -> list[dict]:
                     "negative_mass": (w.abs()[neg].sum() / w.abs()[mask].sum()).item()})
     return out
 
-# %% ../nbs/03_cog.ipynb #0e50f985
+# %% ../nbs/03_cog.ipynb #6471c539
 @torch.no_grad()
 def ioi_accuracy(model: Transformer, n: int = 200, seed: int = 123) -> float:
     "Fraction of IOI prompts where the indirect object's first byte beats the subject's at the last position."
@@ -722,7 +722,7 @@ def cog_lm_comparison(seeds: Sequence[int] = (0,), cfg: CogLMConfig | None = Non
                          "probe_lengths": list(cfg.probe_lengths)})
     return {"runs": runs, "model": cfg.model.__dict__, "train": cfg.train.__dict__}
 
-# %% ../nbs/03_cog.ipynb #dd687d59
+# %% ../nbs/03_cog.ipynb #23b8772d
 def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     """A `transformers` attention function `fn(module, query, key, value, attention_mask, scaling=None, ...)`.
 

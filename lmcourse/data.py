@@ -7,11 +7,11 @@ Docs: https://lmcourse.github.io/lmcourse/data.html.md"""
 # %% auto #0
 __all__ = ['CORPORA', 'VAL_PERCENT', 'IGNORE_INDEX', 'TASKS', 'BOS', 'SEP', 'FILLER', 'FIRST_CONTENT', 'ARITH_CHARS',
            'stdlib_root', 'load_corpus', 'load_hf_text', 'ByteTokenizer', 'cache_dir', 'BPETokenizer', 'bpe_tokenizer',
-           'get_tokenizer', 'Batch', 'TokenStream', 'register_task', 'make_task', 'copy_task', 'induction_task',
-           'associative_recall_task', 'passkey_task', 'facts_task', 'arith_encode', 'arith_decode', 'worked_addition',
-           'arithmetic_task', 'few_shot_task']
+           'get_tokenizer', 'Batch', 'TokenStream', 'corpus_streams', 'stream_batches', 'register_task', 'make_task',
+           'copy_task', 'induction_task', 'associative_recall_task', 'passkey_task', 'facts_task', 'arith_encode',
+           'arith_decode', 'worked_addition', 'arithmetic_task', 'few_shot_task']
 
-# %% ../nbs/00b_data.ipynb #62cfbbd8
+# %% ../nbs/00b_data.ipynb #de50a3e1
 import hashlib
 import json
 import os
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-# %% ../nbs/00b_data.ipynb #e975749c
+# %% ../nbs/00b_data.ipynb #2e4528fd
 CORPORA = ("stdlib",)
 VAL_PERCENT = 2
 
@@ -63,7 +63,7 @@ def load_corpus(name: str = "stdlib", split: str = "train", max_bytes: int | Non
             break
     return docs
 
-# %% ../nbs/00b_data.ipynb #9a83e9ed
+# %% ../nbs/00b_data.ipynb #c77049a9
 def load_hf_text(dataset_id: str, split: str = "train", text_field: str = "text", max_docs: int | None = None) -> list[str]:
     """Documents from a Hugging Face dataset (needs internet the first time; cached by `datasets` after).
 
@@ -90,7 +90,7 @@ def load_hf_text(dataset_id: str, split: str = "train", text_field: str = "text"
             "This needs internet access (and the dataset id must exist). Offline, use the embedded corpus: "
             "load_corpus('stdlib').") from e
 
-# %% ../nbs/00b_data.ipynb #bb10c27f
+# %% ../nbs/00b_data.ipynb #1aa2260e
 class ByteTokenizer:
     "UTF-8 bytes as ids 0–255, plus `eos_id` = 256."
     vocab_size = 257
@@ -101,7 +101,7 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-# %% ../nbs/00b_data.ipynb #e6dbea08
+# %% ../nbs/00b_data.ipynb #a9867fce
 def cache_dir() -> Path:
     "Where trained tokenizers and checkpoints are cached: $LMCOURSE_CACHE or ~/.cache/lmcourse."
     d = Path(os.environ.get("LMCOURSE_CACHE", Path.home() / ".cache" / "lmcourse"))
@@ -162,7 +162,7 @@ def get_tokenizer(name: str = "byte", **kwargs):
     if name == "bpe": return bpe_tokenizer(**kwargs)
     raise ValueError(f"unknown tokenizer {name!r}; choose 'byte' or 'bpe'")
 
-# %% ../nbs/00b_data.ipynb #38a89211
+# %% ../nbs/00b_data.ipynb #9a3cfb37
 IGNORE_INDEX = -100
 
 @dataclass
@@ -205,7 +205,20 @@ class TokenStream:
         targets[docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
         return Batch(inputs, targets, docs[:, :-1] - docs[:, :1])
 
-# %% ../nbs/00b_data.ipynb #473bf6ce
+# %% ../nbs/00b_data.ipynb #0e7c92f6
+def corpus_streams(tokenizer, train_bytes: int | None = None, val_bytes: int | None = None,
+                   name: str = "stdlib") -> dict[str, TokenStream]:
+    "Train and validation `TokenStream`s of an offline corpus (`max_bytes` per split; None = all of it)."
+    return {split: TokenStream.from_docs(load_corpus(name, split, max_bytes=n), tokenizer)
+            for split, n in (("train", train_bytes), ("val", val_bytes))}
+
+def stream_batches(streams: dict[str, TokenStream], batch_size: int, seq_len: int) -> Callable[[str, torch.Generator], Batch]:
+    "The training loop's `get_batch(split, generator)`: random packed windows from `streams[split]`."
+    def get_batch(split: str, generator: torch.Generator | None = None) -> Batch:
+        return streams[split].batch(batch_size, seq_len, generator)
+    return get_batch
+
+# %% ../nbs/00b_data.ipynb #9abee366
 TASKS: dict[str, Callable[..., Batch]] = {}
 BOS, SEP, FILLER, FIRST_CONTENT = 0, 1, 2, 3
 
@@ -228,7 +241,7 @@ def _answer_batch(seqs: torch.Tensor, answer_mask: torch.Tensor, **info) -> Batc
     targets = seqs[:, 1:].masked_fill(~answer_mask[:, 1:], IGNORE_INDEX)
     return Batch(seqs[:, :-1].contiguous(), targets.contiguous(), None, info)
 
-# %% ../nbs/00b_data.ipynb #2dde33b7
+# %% ../nbs/00b_data.ipynb #71116a19
 @register_task("copy")
 def copy_task(n: int, *, seed: int = 0, length: int = 16, vocab_size: int = 32) -> Batch:
     "BOS x₁…x_L SEP x₁…x_L: reproduce the string after the separator. Targets: the copy."
@@ -295,7 +308,7 @@ def facts_task(n: int, *, seed: int = 0, n_subjects: int = 64, n_relations: int 
     return _answer_batch(seqs, mask, vocab_size=obj0 + n_objects, kb=kb, subject_offset=subj0,
                          relation_offset=rel0, object_offset=obj0)
 
-# %% ../nbs/00b_data.ipynb #6ee2d4d4
+# %% ../nbs/00b_data.ipynb #e7770ba5
 ARITH_CHARS = "0123456789+=|;c."
 
 def arith_encode(text: str) -> list[int]:
