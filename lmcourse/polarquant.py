@@ -9,10 +9,10 @@ __all__ = ['structured_keys', 'to_polar', 'from_polar', 'PolarKeys', 'polar_quan
            'polar_max_step_error', 'polar_logits', 'int_quantize_per_token', 'kivi_quantize_keys',
            'key_bits_per_element', 'logit_errors', 'polar_quantize_triton', 'compare_polar_keys', 'decode_attention',
            'polar_decode_attention', 'polar_decode_attention_reference', 'dequantize_then_attend', 'benchmark_decode',
-           'PolarKeyCache', 'PolarKVCache', 'polar_cache_attention', 'PolarQuantLayer', 'PolarQuantCache',
-           'key_quantizers', 'evaluate_key_quantizers', 'key_statistics', 'full_run']
+           'PolarKeyCache', 'PolarKVCache', 'polar_cache_attention', 'ReconstructedKVCache', 'PolarQuantLayer',
+           'PolarQuantCache', 'key_quantizers', 'evaluate_key_quantizers', 'key_statistics', 'full_run']
 
-# %% ../nbs/01_polarquant.ipynb #0b0fdce0
+# %% ../nbs/01_polarquant.ipynb #b43f8655
 import math
 from dataclasses import dataclass
 
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .model import apply_rotary, rope_frequencies, rope_pairs, sdpa_attention
+from .model import KVCache, apply_rotary, rope_frequencies, rope_pairs, sdpa_attention
 from .testing import alloc_output, assert_close, rel_error
 
-# %% ../nbs/01_polarquant.ipynb #99a6db55
+# %% ../nbs/01_polarquant.ipynb #a6cb088a
 def structured_keys(n_tokens: int = 1024, head_dim: int = 64, n_heads: int = 2, *, batch: int = 1,
                     n_outlier_pairs: int = 4, outlier_scale: float = 15.0, outlier_channel: int = 1,
                     layout: str = "half", rope_base: float = 10_000.0, seed: int = 0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def structured_keys(n_tokens: int = 1024, head_dim: int = 64, n_heads: int = 2, 
     x[..., pairs[head_dim // 2 - n_outlier_pairs:, outlier_channel]] += outlier_scale
     return apply_rotary(x, torch.arange(n_tokens), rope_frequencies(head_dim, rope_base), layout)
 
-# %% ../nbs/01_polarquant.ipynb #3d9a2af3
+# %% ../nbs/01_polarquant.ipynb #7b54b528
 def to_polar(x: torch.Tensor, layout: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
     "Radius ρ and angle φ ∈ [0, 2π) of every RoPE pair of `x` [..., D]: two tensors [..., D/2]."
     pairs = rope_pairs(x.shape[-1], layout).to(x.device)
@@ -54,7 +54,7 @@ def from_polar(rho: torch.Tensor, phi: torch.Tensor, layout: str = "half") -> to
     x[..., pairs[:, 0]], x[..., pairs[:, 1]] = rho * torch.cos(phi), rho * torch.sin(phi)
     return x
 
-# %% ../nbs/01_polarquant.ipynb #41a06605
+# %% ../nbs/01_polarquant.ipynb #09d337c5
 def _check_bits(radius_bits: int, angle_bits: int):
     for name, bits in (("radius_bits", radius_bits), ("angle_bits", angle_bits)):
         if not isinstance(bits, int) or bits < 1:
@@ -115,7 +115,7 @@ class PolarKeys:
         "Rows `index` of the batch (beam search, batch selection)."
         return PolarKeys(*(t[index] for t in (self.codes, *self.params)), self.radius_bits, self.angle_bits, self.layout)
 
-# %% ../nbs/01_polarquant.ipynb #4017d544
+# %% ../nbs/01_polarquant.ipynb #2be35ae2
 def _block_range(x: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     "Per block and pair: min and step = (max − min) / 2^bits of x [B, H, N, G, P], stored in `dtype` [B, H, N, P]."
     lo = x.amin(3).to(dtype)
@@ -165,7 +165,7 @@ def polar_dequantize(pk: PolarKeys, dtype: torch.dtype = torch.float32) -> torch
     rho, phi = polar_centres(pk)
     return from_polar(rho, phi, pk.layout).flatten(2, 3).to(dtype)
 
-# %% ../nbs/01_polarquant.ipynb #9a998794
+# %% ../nbs/01_polarquant.ipynb #e6ba5054
 def polar_max_step_error(keys: torch.Tensor, pk: PolarKeys) -> tuple[float, float]:
     "max |ρ − ρ̂| / s_ρ and max |φ − φ̂| / s_φ over blocks with a non-zero range (≤ 0.5 up to rounding)."
     B, H, T, D = keys.shape
@@ -177,7 +177,7 @@ def polar_max_step_error(keys: torch.Tensor, pk: PolarKeys) -> tuple[float, floa
         out.append((err[step > 0] / step[step > 0]).max().item())
     return tuple(out)
 
-# %% ../nbs/01_polarquant.ipynb #0ef85ff4
+# %% ../nbs/01_polarquant.ipynb #016793a8
 def _check_queries(q: torch.Tensor, B: int, H: int, D: int):
     if q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D:
         raise ValueError(f"queries must be [B={B}, Hq, Tq, D={D}]; got {tuple(q.shape)}")
@@ -208,7 +208,7 @@ def polar_logits(q: torch.Tensor, pk: PolarKeys, layout: str | None = None) -> t
     angle = torch.take_along_dim(angle_table[:, :, :, :, None], b[:, :, None, ..., None], -1)[..., 0]  # [B, Hq, Tq, N, G, P]
     return (radius[:, :, None] * angle).sum(-1).flatten(3, 4)
 
-# %% ../nbs/01_polarquant.ipynb #6ec35b39
+# %% ../nbs/01_polarquant.ipynb #b2ade7b2
 def _minmax_fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     "Round-to-nearest with 2^bits − 1 levels between the min and max along `dim`; returns the reconstruction."
     if not isinstance(bits, int) or not 1 <= bits <= 8: raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
@@ -226,7 +226,7 @@ def kivi_quantize_keys(keys: torch.Tensor, bits: int = 2, group_size: int = 32) 
     B, H, T, D = keys.shape
     return _minmax_fake_quant(keys.float().view(B, H, T // group_size, group_size, D), bits, 3).view(B, H, T, D)
 
-# %% ../nbs/01_polarquant.ipynb #0d66b80b
+# %% ../nbs/01_polarquant.ipynb #0c9f6e8c
 def key_bits_per_element(method: str, *, head_dim: int = 128, bits: int = 4, radius_bits: int = 4,
                          angle_bits: int = 4, group_size: int = 128, param_bits: int = 16,
                          byte_per_pair: bool = True) -> float:
@@ -239,7 +239,7 @@ def key_bits_per_element(method: str, *, head_dim: int = 128, bits: int = 4, rad
         return code_bits / 2 + 4 * param_bits / (2 * group_size)
     raise ValueError(f"unknown method {method!r}")
 
-# %% ../nbs/01_polarquant.ipynb #8d64e0e8
+# %% ../nbs/01_polarquant.ipynb #447ed2cb
 def logit_errors(keys: torch.Tensor, queries: torch.Tensor, group_size: int = 128, layout: str = "half") -> dict[str, float]:
     "Relative error of the logits q·kᵀ [B, Hq, Tq, T] under each key quantizer (reconstructions, fp32)."
     group = queries.shape[1] // keys.shape[1]
@@ -252,7 +252,7 @@ def logit_errors(keys: torch.Tensor, queries: torch.Tensor, group_size: int = 12
             "polar 4/4": rel_error(polar_logits(queries, polar_quantize(keys, 4, 4, group_size, layout)), exact),
             "polar 3/3": rel_error(polar_logits(queries, polar_quantize(keys, 3, 3, group_size, layout)), exact)}
 
-# %% ../nbs/01_polarquant.ipynb #a70b4662
+# %% ../nbs/01_polarquant.ipynb #e4ee9190
 @triton.jit
 def _atan2_0_2pi(y, x):
     "atan2(y, x) shifted into [0, 2π), fp32, elementwise."
@@ -310,7 +310,7 @@ def _polar_quantize_kernel(
     p_codes = codes_ptr + (i_bh * N + i_n) * G * P + tl.arange(0, G)[:, None] * P + o_p[None, :]
     tl.store(p_codes, ((b_a << ANGLE_BITS) | b_b).to(tl.uint8))
 
-# %% ../nbs/01_polarquant.ipynb #d7ff2bbb
+# %% ../nbs/01_polarquant.ipynb #9f7de7c2
 def _layout_strides(head_dim: int, layout: str) -> tuple[int, int]:
     "(PAIR_STRIDE, Y_SHIFT) such that pair j is channels (j·PAIR_STRIDE, j·PAIR_STRIDE + Y_SHIFT)."
     pairs = rope_pairs(head_dim, layout)                   # validates the layout name
@@ -339,7 +339,7 @@ def polar_quantize_triton(keys: torch.Tensor, radius_bits: int = 4, angle_bits: 
         G=group_size, P=P, PAIR_STRIDE=pair_stride, Y_SHIFT=y_shift, RADIUS_BITS=radius_bits, ANGLE_BITS=angle_bits)
     return PolarKeys(codes, *params, radius_bits, angle_bits, layout)
 
-# %% ../nbs/01_polarquant.ipynb #757ecd80
+# %% ../nbs/01_polarquant.ipynb #ae46570b
 def compare_polar_keys(actual: PolarKeys, expected: PolarKeys, param_tol: float = 1e-5) -> float:
     "Assert two quantizations agree: parameters to `param_tol`, codes off by at most one bin in ≤ 0.1% of pairs. Returns that fraction."
     for name, a, e in zip(("rho_min", "rho_step", "phi_min", "phi_step"), actual.params, expected.params):
@@ -352,7 +352,7 @@ def compare_polar_keys(actual: PolarKeys, expected: PolarKeys, param_tol: float 
     if frac > 1e-3: raise AssertionError(f"{frac:.2%} of codes differ from the reference")
     return frac
 
-# %% ../nbs/01_polarquant.ipynb #6876cbd4
+# %% ../nbs/01_polarquant.ipynb #d13ebdea
 @triton.jit
 def _online_softmax_step(b_s, b_v, b_m, b_l, b_acc):
     """One tile of the online softmax. b_s [BLOCK_H, BLOCK_T]: scores in log2 units (−inf where masked);
@@ -425,7 +425,7 @@ def _decode_reduce_kernel(
     b_out = tl.sum(b_w[:, None] * b_o, 0) / tl.sum(b_w, 0)
     tl.store(o_ptr + i_row * D + o_d, b_out.to(o_ptr.dtype.element_ty))
 
-# %% ../nbs/01_polarquant.ipynb #a6d480b3
+# %% ../nbs/01_polarquant.ipynb #633290f2
 @triton.jit
 def _decode_split_kernel(
     q_ptr,                                  # queries [B, Hq, D] (the decode step's single token)
@@ -449,7 +449,7 @@ def _decode_split_kernel(
                                    t_start, t_end, b_m, b_l, b_acc, qk_scale, D // 2, D, 1, D // 2, BLOCK_T)
     _store_partial(o_part_ptr, lse_part_ptr, i_b, i_kvh, i_s, n_splits, Hq, b_m, b_l, b_acc, GROUP, BLOCK_H, D)
 
-# %% ../nbs/01_polarquant.ipynb #5b9e7b22
+# %% ../nbs/01_polarquant.ipynb #410dae0b
 @triton.jit
 def _polar_block_keys(codes_ptr, rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr, i_block,
                       G: tl.constexpr, P: tl.constexpr, RADIUS_BITS: tl.constexpr, ANGLE_BITS: tl.constexpr):
@@ -500,7 +500,7 @@ def _polar_decode_split_kernel(
                                        D // 2, D, PAIR_STRIDE, Y_SHIFT, BLOCK_T)
     _store_partial(o_part_ptr, lse_part_ptr, i_b, i_kvh, i_s, n_splits, Hq, b_m, b_l, b_acc, GROUP, BLOCK_H, D)
 
-# %% ../nbs/01_polarquant.ipynb #008a5cf4
+# %% ../nbs/01_polarquant.ipynb #22f2b2d6
 def _check_decode_inputs(q: torch.Tensor, values: torch.Tensor, head_dim: int):
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query token: q must be [B, Hq, 1, D], got {tuple(q.shape)}")
@@ -588,7 +588,7 @@ def polar_decode_attention(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Te
         Y_SHIFT=y_shift, RADIUS_BITS=pk.radius_bits, ANGLE_BITS=pk.angle_bits, num_warps=8 if q.is_cuda else 4)
     return _reduce_partials(o_part, lse_part, values.dtype)
 
-# %% ../nbs/01_polarquant.ipynb #3176ef26
+# %% ../nbs/01_polarquant.ipynb #a34551a3
 def polar_decode_attention_reference(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Tensor, values: torch.Tensor,
                                      scale: float | None = None) -> torch.Tensor:
     "Reference for `polar_decode_attention` (PyTorch, fp32 math, lookup-table logits); same shapes."
@@ -606,7 +606,7 @@ def dequantize_then_attend(q: torch.Tensor, pk: PolarKeys, tail: torch.Tensor, v
     keys = torch.cat([polar_dequantize(pk, values.dtype), tail], 2)
     return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
 
-# %% ../nbs/01_polarquant.ipynb #dfb91152
+# %% ../nbs/01_polarquant.ipynb #fb432175
 def _decode_case(B: int, L: int, Hq: int, H: int, D: int, G: int, device, dtype=torch.bfloat16):
     "Inputs for one benchmark point: L − G/2 keys, of which the first (L/G − 1)·G are polar blocks."
     n_polar = (L // G - 1) * G
@@ -662,7 +662,7 @@ def benchmark_decode(batch_sizes=(1, 8), lengths=(4096, 8192, 16384, 32768, 6553
                                                               "head_dim": head_dim, "group_size": group_size}}
     return results
 
-# %% ../nbs/01_polarquant.ipynb #bbb310ca
+# %% ../nbs/01_polarquant.ipynb #764ebaec
 class PolarKeyCache:
     "One layer's cache: keys as PolarKeys blocks + a full-precision tail (< G tokens), values in full precision."
     def __init__(self, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128, layout: str = "half"):
@@ -720,7 +720,7 @@ class PolarKeyCache:
         values = 0 if self.values is None else self.values.numel() * self.values.element_size()
         return {"polar_keys": polar, "tail_keys": tail, "values": values}
 
-# %% ../nbs/01_polarquant.ipynb #2bdc7c7a
+# %% ../nbs/01_polarquant.ipynb #405c58e7
 class PolarKVCache:
     "Drop-in replacement for `lmcourse.model.KVCache` that keeps keys in polar form: one PolarKeyCache per layer."
     def __init__(self, n_layers: int, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128,
@@ -756,7 +756,21 @@ def polar_cache_attention(q, k, v, *, causal: bool = True, segment_ids=None, sca
         return k.attend(q, scale)
     return sdpa_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
 
-# %% ../nbs/01_polarquant.ipynb #35697fc5
+# %% ../nbs/01_polarquant.ipynb #1fa54a57
+class ReconstructedKVCache(KVCache):
+    "Reference for `PolarKVCache`: exact keys stored; attention sees complete blocks of *past* keys through polar_quantize → polar_dequantize."
+    def __init__(self, n_layers: int, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128, layout: str = "half"):
+        super().__init__(n_layers)
+        self.bits, self.group_size, self.layout = (radius_bits, angle_bits), group_size, layout
+
+    def update(self, layer, k, v):
+        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        n_old = past // self.group_size * self.group_size
+        keys, values = super().update(layer, k, v)
+        old = polar_dequantize(polar_quantize(keys[:, :, :n_old], *self.bits, self.group_size, self.layout), keys.dtype)
+        return torch.cat([old, keys[:, :, n_old:]], 2), values
+
+# %% ../nbs/01_polarquant.ipynb #2f87336b
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 class PolarQuantLayer(CacheLayerMixin):
@@ -801,7 +815,7 @@ class PolarQuantCache(Cache):
         super().__init__(layers=[PolarQuantLayer(radius_bits, angle_bits, group_size, layout)
                                  for _ in range(config.num_hidden_layers)])
 
-# %% ../nbs/01_polarquant.ipynb #e01a72be
+# %% ../nbs/01_polarquant.ipynb #ec04e246
 def key_quantizers(group_size: int = 128, layout: str = "half") -> dict:
     "name -> function keys [B, H, T, D] -> reconstruction, for whole blocks of `group_size` tokens."
     return {"bf16": lambda k: k,

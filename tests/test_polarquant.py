@@ -7,7 +7,7 @@ import torch
 
 from lmcourse.model import KVCache, ModelConfig, Transformer, eager_attention
 from lmcourse.polarquant import (PolarKeyCache, PolarKeys, PolarKVCache, PolarQuantCache, compare_polar_keys,
-                                 polar_cache_attention,
+                                 polar_cache_attention, ReconstructedKVCache,
                                  decode_attention, evaluate_key_quantizers, from_polar, int_quantize_per_token,
                                  key_bits_per_element, kivi_quantize_keys, logit_errors, polar_decode_attention,
                                  polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
@@ -182,20 +182,6 @@ def test_decode_kernels_reject_bad_inputs():
 
 # -- caches ----------------------------------------------------------------------------------------------------
 
-class ReconstructedKVCache(KVCache):
-    "Reference: complete blocks of past keys handed to attention through quantize -> dequantize."
-    def __init__(self, n_layers, group_size):
-        super().__init__(n_layers)
-        self.group_size = group_size
-
-    def update(self, layer, k, v):
-        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
-        n_old = past // self.group_size * self.group_size
-        keys, values = super().update(layer, k, v)
-        old = polar_dequantize(polar_quantize(keys[:, :, :n_old], 4, 4, self.group_size), keys.dtype)
-        return torch.cat([old, keys[:, :, n_old:]], 2), values
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
@@ -212,7 +198,7 @@ def test_engine_cache_equals_reconstruction_reference(tiny_model):
     prompt = torch.randint(0, 64, (2, 13))
     cache = PolarKVCache.for_model(tiny_model, 4, 4, group_size=4)
     out = tiny_model.generate(prompt, 12, cache=cache)
-    assert torch.equal(out, tiny_model.generate(prompt, 12, cache=ReconstructedKVCache(2, 4)))
+    assert torch.equal(out, tiny_model.generate(prompt, 12, cache=ReconstructedKVCache(2, 4, 4, group_size=4)))
     layer = cache.layers[1]
     assert (cache.seq_len, layer.polar.seq_len, layer.tail.shape[2]) == (24, 24, 0)
     assert layer.values.shape[2] == 24
