@@ -156,7 +156,7 @@ class History:
         ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); ax.grid(alpha=0.3)
         return ax
 
-# %% ../nbs/00c_train.ipynb #a0e25d66
+# %% ../nbs/00c_train.ipynb #bc4cf66d
 class ModelProxy:
     """What `loss_fn` receives when DDP or torch.compile wrap the model: calling it runs the wrapper (gradients
     synchronise, the compiled graph is used); any attribute (`blocks`, `cfg`, ...) is the model's own."""
@@ -171,7 +171,7 @@ class ModelProxy:
 
     def __repr__(self): return f"ModelProxy({type(self._wrapper).__name__} around {type(self._module).__name__})"
 
-# %% ../nbs/00c_train.ipynb #764a7f1a
+# %% ../nbs/00c_train.ipynb #0ba8e199
 @dataclass
 class Callback:
     "Run `fn(step, model, history)` during training, every `every` steps; a returned dict is logged into the history."
@@ -189,7 +189,7 @@ def _due(step: int, every: int, steps: int) -> bool:
     "Evaluations and callbacks run after step 0, after every `every`-th step and after the last step."
     return step == 0 or (step + 1) % every == 0 or step + 1 == steps
 
-# %% ../nbs/00c_train.ipynb #455be9e9
+# %% ../nbs/00c_train.ipynb #cb18bebd
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     "The batch on `device`; CPU tensors bound for a GPU go through pinned memory so the copy does not block the host."
     if device.type == "cuda":
@@ -210,7 +210,7 @@ def _flush(pending: list, hist: History, bar=None):
     pending.clear()
     if bar is not None: bar.set_postfix(train=f"{hist.train_loss[-1]:.3f}", refresh=False)
 
-# %% ../nbs/00c_train.ipynb #524f01a7
+# %% ../nbs/00c_train.ipynb #2f074871
 class _Window:
     "The steady-state timer: opened after the warm-up steps, paused around evaluation, callbacks and checkpoints."
     def __init__(self, device: torch.device):
@@ -226,9 +226,9 @@ class _Window:
         if self._t0 is not None: self.seconds += self._now() - self._t0; self._t0 = None
 
     def resume(self):
-        if self.opened: self._t0 = self._now()
+        if self.opened and self._t0 is None: self._t0 = self._now()
 
-# %% ../nbs/00c_train.ipynb #79b769f5
+# %% ../nbs/00c_train.ipynb #767e9dac
 def rank_world() -> tuple[int, int]:
     "This process's rank and the number of ranks (0, 1 without torch.distributed)."
     if dist.is_available() and dist.is_initialized():

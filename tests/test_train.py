@@ -5,8 +5,8 @@ import os
 import random
 import sys
 import tempfile
-import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import lmcourse  # noqa: F401
 import numpy as np
@@ -167,20 +167,24 @@ def test_metrics_must_be_scalars():
 
 # ---- the throughput window ------------------------------------------------------------------------------------
 
-def test_throughput_window_excludes_warmup_evaluation_and_callbacks():
-    def slow_batches(split, g):
-        if split == "val": time.sleep(0.05)
+def test_throughput_window_excludes_warmup_evaluation_and_callbacks(monkeypatch):
+    "A fake clock that only training batches (1 s), validation batches (100 s) and callbacks (1000 s) advance."
+    import lmcourse.train as train_module
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    def timed_batches(split, g):
+        clock[0] += 1.0 if split == "train" else 100.0
         return copy_batches(split, g)
-    def slow_callback(step, model, history): time.sleep(0.1)
+    def callback(step, model, history): clock[0] += 1000.0
     cfg = TrainConfig(steps=10, warmup_steps=1, eval_every=3, eval_batches=2, timing_warmup=4, progress=False)
-    hist = train(_tiny(), slow_batches, cfg, device="cpu", callbacks=[Callback(every=3, fn=slow_callback)])
-    n_evals = len(hist.val_steps)                                     # after steps 0, 2, 5, 8, 9
-    assert n_evals == 5 and hist.timed_steps == 6
-    assert hist.seconds - hist.timed_seconds > n_evals * (2 * 0.05 + 0.1)
-    assert hist.tokens_per_s_per_device == pytest.approx(6 * 16 * 13 / hist.timed_seconds)
+    hist = train(_tiny(), timed_batches, cfg, device="cpu", callbacks=[Callback(every=3, fn=callback)])
+    assert hist.val_steps == [0, 2, 5, 8, 9] and hist.timed_steps == 6          # steps 4..9
+    assert hist.timed_seconds == 6.0                                              # one training batch per timed step
+    assert hist.seconds == 10 + 5 * (2 * 100.0 + 1000.0)
+    assert hist.tokens_per_s_per_device == 6 * 16 * 13 / 6.0
     assert hist.tokens_per_s == hist.tokens_per_s_per_device and hist.world_size == 1
-    short = train(_tiny(), copy_batches, replace(cfg, steps=3, timing_warmup=50), device="cpu")
-    assert short.timed_steps == 1 and short.tokens_per_s > 0          # the window still times the last step
+    short = train(_tiny(), timed_batches, replace(cfg, steps=3, timing_warmup=50), device="cpu")
+    assert short.timed_steps == 1 and short.timed_seconds == 1.0                 # the window still times the last step
     assert History(device="cpu").mfu() is None
 
 
