@@ -366,7 +366,7 @@ def _repeat_task(n: int, seed: int, *, length: int, min_length: int, max_prefix:
     g = torch.Generator().manual_seed(seed)
     L = torch.randint(min_length, length + 1, (n,), generator=g)
     P = torch.randint(0, max_prefix + 1, (n,), generator=g)
-    G = torch.randint(0, max_gap + 1, (n,), generator=g)
+    G = torch.randint(0, max_gap + 1, (n,), generator=g)   # copy passes max_gap=0
     if marked:   # the string may repeat tokens: the separators locate its copy
         seg = torch.randint(0, n_content, (n, length), generator=g)
     else:        # distinct tokens: the latest earlier occurrence of x_j is the segment's
@@ -377,7 +377,7 @@ def _repeat_task(n: int, seed: int, *, length: int, min_length: int, max_prefix:
                    torch.ones(n, n_content, dtype=torch.bool), g)
     in_seg = ((seg[:, :, None] == torch.arange(n_content)) & used(length, L)[:, :, None]).any(1)
     gap = _walk(seg.gather(1, L[:, None] - 1).squeeze(1), max_gap, chain, ~in_seg, g)
-    # Lay out every slot of the widest row, then move each row's real tokens to the left (a stable sort on "padding?")
+    # Lay out the slots of the widest row, then move each row's real tokens to the left (a stable sort by "is padding")
     one = torch.ones(n, 1, dtype=torch.bool)
     sep = [(torch.full((n, 1), SEP), one)] if marked else []
     slots = [(torch.full((n, 1), BOS), one), (prefix + FIRST_CONTENT, used(max_prefix, P)), *sep,
@@ -388,8 +388,8 @@ def _repeat_task(n: int, seed: int, *, length: int, min_length: int, max_prefix:
     order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)
     real = real.gather(1, order)
     seqs = tokens.gather(1, order).masked_fill(~real, FILLER)
-    first = 1 + P + marked                              # position of the segment's x₁
-    repeat = first + L + (0 if marked else G) + marked   # position of the repeat's x₁
+    first = 1 + P + marked            # position of the segment's x₁
+    repeat = first + L + G + marked   # position of the repeat's x₁ (G = 0 when marked)
     copy = is_repeat.gather(1, order)
     if not marked:
         copy &= torch.arange(seqs.shape[1]) > repeat[:, None]   # the repeat's x₁ follows the gap: not predictable
