@@ -637,7 +637,7 @@ def few_shot_task(n: int, *, seed: int = 0, n_shots: int = 8, rule: str = "map",
 
     rule="map": a random map inputs -> labels per sequence, with the query's input among the demonstrations';
     rule="shift": y = (x + s) mod n_classes with a shift s per sequence (one demonstration reveals it).
-    Targets: every label. `info`: `query_pos` (int; the position in `inputs` whose target is y_q), `label_pos`
+    n_shots=0 is the query alone (zero-shot: not predictable). Targets: every label. `info`: `query_pos` (int; the position in `inputs` whose target is y_q), `label_pos`
     [n_shots + 1], `query_only` and `predictable` [n, T] masks, `input_offset`/`label_offset` (token of input 0
     / label 0), `arrow_id`, `rule`, `n_inputs`, `n_classes`, and `mapping` [n, n_inputs] or `shift` [n]."""
     if rule not in ("map", "shift"):
