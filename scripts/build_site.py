@@ -111,10 +111,8 @@ _PANDOC_LINK_ATTRS = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)\{[^}]*\}")
 
 
 def _markdown_output(text: str) -> str:
-    "show_doc's markdown for Quarto -> plain markdown: its `[source](url){target=... style=...}` link floats right."
-    return _PANDOC_LINK_ATTRS.sub(
-        lambda m: (f'<a class="lmc-source" href="{m.group(2)}">source</a>' if m.group(1) == "source"
-                   else f"[{m.group(1)}]({m.group(2)})"), text)
+    "show_doc's markdown for Quarto -> plain markdown: `[source](url){target=... style=...}` loses the pandoc attributes."
+    return _PANDOC_LINK_ATTRS.sub(r"[\1](\2)", text)
 
 
 def prepare(nb) -> tuple[dict, object]:
@@ -158,7 +156,7 @@ def exporter() -> HTMLExporter:
     c.HTMLExporter.exclude_input_prompt = True
     c.HTMLExporter.exclude_output_prompt = True
     c.HTMLExporter.embed_images = True
-    c.HTMLExporter.exclude_anchor_links = True
+    c.HTMLExporter.anchor_link_text = ""       # headings keep their ids; the (empty) self-links are hidden by the CSS
     c.TagRemovePreprocessor.enabled = True
     c.TagRemovePreprocessor.remove_cell_tags = {"remove_cell"}
     c.TagRemovePreprocessor.remove_input_tags = {"remove_input"}
@@ -205,8 +203,10 @@ def pandoc_id(text: str) -> str:
 
 
 def heading_ids(page: str) -> str:
-    "nbconvert's heading ids (`The-math`) -> Quarto's (`the-math`), so the same links work on both sites."
-    return re.sub(r'(<h[1-6] id=")([^"]*)(")', lambda m: m.group(1) + pandoc_id(m.group(2).replace("-", " ")) + m.group(3), page)
+    "nbconvert's heading ids (`The-math`) and their self-links -> Quarto's (`the-math`), so the same links work on both sites."
+    fix = lambda m: m.group(1) + pandoc_id(m.group(2).replace("-", " ")) + m.group(3)
+    page = re.sub(r'(<h[1-6] id=")([^"]*)(")', fix, page)
+    return re.sub(r'(<a class="anchor-link" href="#)([^"]*)(")', fix, page)
 
 
 def page_anchors(page: str) -> set[str]:
@@ -214,7 +214,7 @@ def page_anchors(page: str) -> set[str]:
     return set(re.findall(r'\s(?:id|name)="([^"]+)"', page))
 
 
-_A_HREF = re.compile(r'<a href="([^"#]*)(#[^"]*)?"([^>]*)>(.*?)</a>', re.S)
+_A_HREF = re.compile(r'<a\b([^>]*?)\shref="([^"#]*)(#[^"]*)?"([^>]*)>(.*?)</a>', re.S)
 
 
 def rewrite_links(page: str, here: str, pages: dict, anchors: dict, info: SiteInfo) -> str:
@@ -225,7 +225,7 @@ def rewrite_links(page: str, here: str, pages: dict, anchors: dict, info: SiteIn
     nbdev links every backticked name it knows, private kernels included, to an anchor that only a `show_doc`
     creates; where the local page has no such anchor the name stays as code without a link."""
     def local(m):
-        target, anchor, attrs, inner = m.group(1), m.group(2) or "", m.group(3), m.group(4)
+        before, target, anchor, after, inner = m.group(1), m.group(2), m.group(3) or "", m.group(4), m.group(5)
         if not target: out = here
         elif target.endswith(".ipynb") and target in pages: out = pages[target][0]
         elif target.startswith(info.docs_url): out = target[len(info.docs_url):] or "index.html"
@@ -234,8 +234,10 @@ def rewrite_links(page: str, here: str, pages: dict, anchors: dict, info: SiteIn
         if anchor and anchor[1:] not in anchors[out]:
             if target.startswith(info.docs_url): return inner
             anchor = "#" + pandoc_id(anchor[1:].replace("-", " "))
-        return f'<a href="{out}{anchor}"{attrs}>{inner}</a>'
-    return _A_HREF.sub(local, page).replace(f'src="{COLAB_BADGE}"', 'src="assets/colab-badge.svg"')
+        return f'<a{before} href="{out}{anchor}"{after}>{inner}</a>'
+    page = _A_HREF.sub(local, page).replace(f'src="{COLAB_BADGE}"', 'src="assets/colab-badge.svg"')
+    return re.sub(rf'<a href="({re.escape(info.repo_url)}/blob/[^"]*)">source</a>', r'<a class="lmc-source" href="\1">source</a>',
+                  page)
 
 
 # ---- the whole site ----
@@ -259,7 +261,8 @@ def build_site(proc: Path, out: Path, info: SiteInfo, sidebar: Path | None = Non
     notebooks = sorted(proc.glob("*.ipynb"))
     loaded = {}
     for path in notebooks:
-        front, nb = prepare(nbformat.read(path, as_version=4))
+        # (the invalid timing would be logged as an error; prepare() makes the notebook valid)
+        front, nb = prepare(nbformat.read(path, as_version=4, capture_validation_error={}))
         loaded[path.name] = (front, nb)
     pages = {name: (front.get("output-file") or Path(name).with_suffix(".html").name, front.get("title") or Path(name).stem)
              for name, (front, nb) in loaded.items()}
