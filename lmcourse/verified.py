@@ -309,8 +309,8 @@ def _summary(s: dict) -> str:
 def render_box(s: dict) -> str:
     "The box as HTML (what the notebook and both sites show)."
     e = html.escape
-    out = [f'<div class="lmc-verified" style="border:1px solid #9ec5fe;border-left:4px solid #2780e3;border-radius:4px;'
-           f'background:#f4f8ff;padding:.5rem .9rem;margin:.6rem 0;font-size:.9rem">',
+    out = ['<div class="lmc-verified" style="border:1px solid #9ec5fe;border-left:4px solid #2780e3;border-radius:4px;'
+           'background:#f4f8ff;padding:.5rem .9rem;margin:.6rem 0;font-size:.9rem">',
            f"<details><summary><b>Verified</b> — {e(_summary(s))}</summary>"]
     if not s["results_dir_exists"]:
         out.append("<p>No <code>results/</code> folder here (the package was installed without a checkout): "
@@ -339,7 +339,7 @@ def render_box(s: dict) -> str:
         rows = "".join(
             f"<tr><td><code>{e(r['name'])}</code></td><td>{e(r['kind'])}</td><td>"
             + (f"✓ {e(r['env'].get('device', '?'))} · {e(_versions(r['env']))}" if r["env"] is not None
-               else f'<span style="color:#b35900">missing</span>' + (f" — <code>{e(r['command'])}</code>" if r["command"] else ""))
+               else '<span style="color:#b35900">missing</span>' + (f" — <code>{e(r['command'])}</code>" if r["command"] else ""))
             + "</td></tr>" for r in s["results"])
         out.append(f'<p>GPU benchmarks and runs (<code>results/{e(s["chapter"])}/</code>):</p>'
                    f'<table><tr><th style="text-align:left">result</th><th>kind</th><th>stored</th></tr>{rows}</table>')
