@@ -62,10 +62,12 @@ def test_colab_torch_and_triton_satisfy_the_requirements():
 
 def test_colab_install_resolves_without_touching_torch(tmp_path):
     """pip's resolver, in a dry run, on the Colab cell's requirement with the repository replaced by this checkout:
-    in an environment that has torch and triton (as Colab does), it installs the package and nothing of torch's."""
+    in an environment that has torch and triton (as Colab does), it installs the package and nothing of torch's.
+    Offline (`--no-index`): anything the requirement needed beyond what is installed would make it fail."""
     requirement = chapter_cells.colab_requirement().split(" @ ")[0] + f" @ {ROOT.as_uri()}"
     report = tmp_path / "report.json"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), requirement],
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index", "--no-build-isolation",
+                        "--report", str(report), requirement],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     installed = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
