@@ -14,12 +14,11 @@ import hashlib
 import json
 import math
 import os
-import sysconfig
 from dataclasses import asdict, replace
 
 import torch
 
-from .data import bpe_tokenizer, cache_dir, corpus_streams, stream_batches
+from .data import bpe_tokenizer, cache_dir, corpus_streams, corpus_versions, stream_batches
 from .model import ModelConfig, Transformer
 from .train import (History, TrainConfig, current_profile, default_device, load_checkpoint, rank_world,
                             save_checkpoint, train)
@@ -28,8 +27,10 @@ from .train import (History, TrainConfig, current_profile, default_device, load_
 def baseline_configs(profile: str | None = None, steps: int | None = None) -> dict:
     "Tokenizer, data, model and training settings of the baseline for `profile` (default: the active one); `steps` overrides the profile's."
     smoke = (profile or current_profile()) == "smoke"
-    tok = dict(vocab_size=1024, train_bytes=1_000_000) if smoke else dict(vocab_size=8192, train_bytes=8_000_000)
-    data = dict(train_bytes=1_500_000, val_bytes=200_000) if smoke else dict(train_bytes=None, val_bytes=None)
+    tok = (dict(vocab_size=1024, train_bytes=1_000_000) if smoke else
+           dict(vocab_size=8192, train_bytes=8_000_000, corpus="stdlib+site"))
+    data = (dict(train_bytes=1_500_000, val_bytes=200_000) if smoke else
+            dict(name="stdlib+site", train_bytes=200_000_000, val_bytes=5_000_000))
     model = (ModelConfig(vocab_size=tok["vocab_size"], d_model=128, n_layers=4, n_heads=4, max_seq_len=128) if smoke else
              ModelConfig(vocab_size=tok["vocab_size"], d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=1024))
     training = (TrainConfig(steps=150, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=15, eval_every=50, eval_batches=4) if smoke else
@@ -40,7 +41,7 @@ def baseline_configs(profile: str | None = None, steps: int | None = None) -> di
     return {"tokenizer": tok, "data": data, "model": model, "train": training, "max_epochs": 2.0}
 
 def baseline_data(configs: dict):
-    "The tokenizer, a `get_batch(split, generator)` over the packed stdlib corpus, and the streams."
+    "The tokenizer, a `get_batch(split, generator)` over the packed corpus, and the streams."
     tok = bpe_tokenizer(**configs["tokenizer"])
     streams = corpus_streams(tok, **configs["data"])
     return tok, stream_batches(streams, configs["train"].batch_size, configs["train"].seq_len), streams
@@ -74,7 +75,8 @@ def baseline_key(configs: dict) -> str:
     import tokenizers
     settings = {"tokenizer": configs["tokenizer"], "data": configs["data"], "model": asdict(configs["model"]),
                 "train": configs["train"].identity(), "max_epochs": configs["max_epochs"],
-                "python": sysconfig.get_python_version(), "tokenizers": tokenizers.__version__, "torch": torch.__version__}
+                "corpus": corpus_versions(configs["data"].get("name", "stdlib")),   # Python and package versions
+                "tokenizers": tokenizers.__version__, "torch": torch.__version__}
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 def load_or_train_baseline(profile: str | None = None, device=None, progress: bool = True):
@@ -98,7 +100,8 @@ def baseline_result(profile: str, history: History) -> dict:
     "The `results/baseline/<profile>.json` payload of a run, from what the run did (its history)."
     from lmcourse.bench import device_spec
     configs = baseline_configs(profile)
-    return {"profile": profile, "tokenizer": configs["tokenizer"], "data": {**configs["data"], "train_tokens": history.epoch_tokens},
+    data = {**configs["data"], "train_tokens": history.epoch_tokens, **corpus_versions(configs["data"].get("name", "stdlib"))}
+    return {"profile": profile, "tokenizer": configs["tokenizer"], "data": data,
             "model": asdict(configs["model"]), "train": history.config, "steps": len(history.steps),
             "tokens": history.tokens, "epochs": history.epochs, "world_size": history.world_size,
             "tokens_per_s": history.tokens_per_s, "tokens_per_s_per_device": history.tokens_per_s_per_device,
