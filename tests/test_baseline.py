@@ -17,12 +17,13 @@ from lmcourse.train import TrainConfig
 
 
 def _tiny_configs(profile=None, steps=None):
-    configs = baseline_configs("smoke", steps)
-    configs["tokenizer"] = dict(vocab_size=300, train_bytes=100_000)
-    configs["data"] = dict(train_bytes=100_000, val_bytes=20_000)
+    "The profile's settings (its corpus included) at tiny sizes; no torch.compile (tested in test_train)."
+    configs = baseline_configs(profile, steps)
+    configs["tokenizer"] = {**configs["tokenizer"], "vocab_size": 300, "train_bytes": 100_000}
+    configs["data"] = {**configs["data"], "train_bytes": 100_000, "val_bytes": 20_000}
     configs["model"] = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
     configs["train"] = replace(configs["train"], steps=steps or 4, warmup_steps=1, batch_size=2, seq_len=32,
-                               eval_every=2, eval_batches=1, progress=False)
+                               eval_every=2, eval_batches=1, compile=False, log_every=2, timing_warmup=1, progress=False)
     return configs
 
 
@@ -48,6 +49,8 @@ def test_fit_to_epochs_caps_steps_and_scales_warmup():
 def test_full_profile_settings():
     full = baseline_configs("full")
     assert full["train"].compile and full["max_epochs"] == 2.0 and full["model"].n_kv_heads == 4
+    assert full["data"]["name"] == full["tokenizer"]["corpus"] == "stdlib+site"      # the larger corpus, for both
+    assert baseline_key(full) != baseline_key(baseline_configs("smoke"))
     assert baseline_configs("full", steps=10)["train"].steps == 10
     assert baseline_configs("full", steps=10)["train"].warmup_steps == 10
 
@@ -91,12 +94,15 @@ def test_changed_settings_train_a_new_baseline_instead_of_loading_stale_weights(
     assert model.cfg.d_model == 48 and len(list(tiny.glob("baseline-smoke-*.pt"))) == 2
 
 
-def test_results_payload_reports_what_the_run_did(tiny, capsys):
-    history = baseline.main(["--profile", "smoke", "--steps", "3"])
+def test_results_payload_reports_what_the_run_did(tiny, capsys, monkeypatch):
+    "The full profile's path (stdlib+site corpus, --steps, payload) at tiny sizes."
+    monkeypatch.setenv("LMCOURSE_PROFILE", "smoke")                     # main() sets it; restored afterwards
+    history = baseline.main(["--profile", "full", "--steps", "3"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1].rsplit("}", 1)[0] + "}")
     assert printed["steps"] == 3 and printed["mfu"] is None
-    payload = baseline_result("smoke", history)
+    payload = baseline_result("full", history)
     assert payload["train"]["steps"] == payload["steps"] == 3                # the --steps override, not the profile's 4
+    assert payload["data"]["name"] == "stdlib+site" and payload["data"]["packages"] and payload["data"]["python"]
     assert payload["epochs"] == pytest.approx(3 * 2 * 32 / payload["data"]["train_tokens"])
     assert payload["tokens_per_s"] == payload["tokens_per_s_per_device"] > 0 and payload["world_size"] == 1
     json.dumps(payload)                                                  # what save_result writes

@@ -107,7 +107,8 @@ def _capture_grads(monkeypatch):
 def test_grad_accumulation_equals_one_large_batch(monkeypatch, k):
     steps = 3
     micro = _micro_batches(steps * k)
-    cfg = TrainConfig(steps=steps, warmup_steps=1, lr=1e-2, eval_every=10, eval_batches=1, progress=False)
+    # no clipping: the optimizer must see the raw accumulated gradient (clipping both to norm 1 would hide a wrong scale)
+    cfg = TrainConfig(steps=steps, warmup_steps=1, lr=1e-2, eval_every=10, eval_batches=1, grad_clip=0, progress=False)
     grads = _capture_grads(monkeypatch)
     calls = iter(micro)
     accum = _tiny()
