@@ -10,13 +10,12 @@ __all__ = ['PAD', 'BOS', 'IN', 'OUT', 'EOA', 'FAMILIES', 'N_SYMBOLS', 'N_TASK_ID
            'demo_tokens', 'episode', 'demo_length', 'max_shots', 'episode_batch', 'answer_runs', 'zero_shot_segments',
            'importance_ratio', 'demo_weights', 'official_demo_weights', 'DrICLConfig', 'dricl_token_scales',
            'token_losses', 'dricl_objective', 'dricl_loss', 'shot_accuracy', 'DrICLExperiment',
-           'dricl_experiment_config', 'run_dricl_experiment', 'hf_zero_shot_mask', 'dricl_hf_loss']
+           'dricl_experiment_config', 'objective_losses', 'run_dricl_experiment', 'hf_zero_shot_mask', 'dricl_hf_loss']
 
-# %% ../nbs/09_dricl.ipynb #154fb358
+# %% ../nbs/09_dricl.ipynb #67bdc297
 import copy
 import math
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -24,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Batch
-from .losses import fused_linear_cross_entropy, segment_means
+from .losses import final_hidden, fused_linear_cross_entropy, segment_means
 from .model import ModelConfig, Transformer, attention_mask
 from .train import TrainConfig, by_profile, train
 
-# %% ../nbs/09_dricl.ipynb #b673ff3a
+# %% ../nbs/09_dricl.ipynb #a228dca7
 PAD, BOS, IN, OUT, EOA = 0, 1, 2, 3, 4           # padding, start, "<input>:", "<output>:", end of answer
 
-# %% ../nbs/09_dricl.ipynb #9e406ee9
+# %% ../nbs/09_dricl.ipynb #04db73ba
 FAMILIES = ("classify", "retrieve", "modular", "transform", "rank")
 N_SYMBOLS = 16                                    # content alphabet: x and y tokens are symbols 0..15
 N_TASK_IDS = 64                                   # task-id tokens (in-domain tasks with a known id)
@@ -85,7 +84,7 @@ def make_tasks(n_per_family: int, seed: int, named_fraction: float = 0.5, first_
             index += 1
     return tasks
 
-# %% ../nbs/09_dricl.ipynb #14b99cce
+# %% ../nbs/09_dricl.ipynb #073d771f
 @dataclass
 class ManyShotBenchmark:
     "The generated benchmark: in-domain tasks (trained on; half named by a task-id token) and held-out tasks (never named)."
@@ -140,7 +139,7 @@ def episode_batch(tasks: list[Task], batch_size: int, max_len: int, generator: t
     targets = seqs[:, 1:].masked_fill(~masks[:, 1:], IGNORE_INDEX)
     return Batch(seqs[:, :-1].contiguous(), targets.contiguous())
 
-# %% ../nbs/09_dricl.ipynb #ce47ffd9
+# %% ../nbs/09_dricl.ipynb #b8f1c37b
 def answer_runs(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     "Index k of the answer (maximal run of targets ≠ ignore_index) each position belongs to, -1 elsewhere: [B, T]."
     on = targets != ignore_index
@@ -159,7 +158,7 @@ def zero_shot_segments(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) 
     starts[:, 2:] = ends[:, :-2]                                              # that token sits at t + 1; the next one starts
     return starts.long().cumsum(1)
 
-# %% ../nbs/09_dricl.ipynb #bdc01628
+# %% ../nbs/09_dricl.ipynb #304855b2
 def importance_ratio(loss):
     "p(x)/q(x) of the released sampler, p = 0.3e^(−0.2x) + 0.7e^(−0.8x), q = e^(−x): = 0.3e^(0.8x) + 0.7e^(0.2x), increasing."
     return 0.3 * math.exp(0.8 * loss) + 0.7 * math.exp(0.2 * loss)
@@ -186,7 +185,7 @@ def demo_weights(losses: torch.Tensor, *, gamma: float = 11.0, window: int = 10,
         w[k] = math.exp(sign * (values[k] - baseline) / gamma) if math.isfinite(gamma) else 1.0
     return torch.tensor(w, dtype=torch.float32)
 
-# %% ../nbs/09_dricl.ipynb #9a14d7da
+# %% ../nbs/09_dricl.ipynb #bdc49742
 def official_demo_weights(losses, gamma: float = 11.0, window: int | None = 10, return_trace: bool = False):
     """The per-demonstration weights exactly as the released training loop computes them (float32 arithmetic).
 
@@ -224,7 +223,7 @@ def official_demo_weights(losses, gamma: float = 11.0, window: int | None = 10, 
     weights = torch.tensor(weights, dtype=torch.float64)
     return (weights, trace) if return_trace else weights
 
-# %% ../nbs/09_dricl.ipynb #bf6f94d5
+# %% ../nbs/09_dricl.ipynb #0fdb0f2c
 @dataclass(frozen=True)
 class DrICLConfig:
     """The objective's knobs. L = ½[(1+α)·L_ms + (1−α)·L_zs]; `weights`: 'paper' (windowed, previous-window baseline),
@@ -276,17 +275,7 @@ def dricl_token_scales(ms_token_losses: torch.Tensor, targets: torch.Tensor, cfg
     s_zs = on.float() * (0.5 * (1 - cfg.alpha) / on.sum())
     return s_ms, s_zs, {"demo_losses": ell, "weights": w, "n_demos": n_demos}
 
-# %% ../nbs/09_dricl.ipynb #6f8942b5
-@contextmanager
-def _final_hidden(model):
-    "Capture the input of the LM head (the final norm's output) during a forward pass."
-    store = {}
-    handle = model.norm.register_forward_hook(lambda m, inp, out: store.__setitem__("hidden", out))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
+# %% ../nbs/09_dricl.ipynb #2b23fd50
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "Per-token cross-entropy [B, T] (0 where ignored) of logits [B, T, V], in float32."
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
@@ -318,11 +307,7 @@ def dricl_loss(model, batch: Batch, cfg: DrICLConfig = DrICLConfig()):
         ce_ms = token_losses(model(batch.inputs)[0], targets)
         ce_zs = token_losses(model(batch.inputs, segment_ids=zs)[0], targets)
         return dricl_objective(ce_ms, ce_zs, targets, cfg)
-    hidden = []
-    for seg in (None, zs):
-        with _final_hidden(model) as store:
-            model(batch.inputs, segment_ids=seg)
-        hidden.append(store["hidden"])
+    hidden = [final_hidden(model, batch.inputs, segment_ids=seg) for seg in (None, zs)]
     weight = model.lm_head.weight.to(hidden[0].dtype)
     with torch.no_grad():                                   # the statistics: per-token losses of both passes
         stats_ms, stats_zs = fused_linear_cross_entropy(torch.stack(hidden), weight, torch.stack([targets, targets]),
@@ -332,7 +317,7 @@ def dricl_loss(model, batch: Batch, cfg: DrICLConfig = DrICLConfig()):
                                       scale=torch.stack([s_ms, s_zs]))
     return loss, _metrics(stats, stats_zs[targets != IGNORE_INDEX].mean())
 
-# %% ../nbs/09_dricl.ipynb #e064ba74
+# %% ../nbs/09_dricl.ipynb #3483c6a3
 @torch.no_grad()
 def shot_accuracy(model, tasks: list[Task], shots: list[int], *, n_queries: int = 8, noise: float = 0.0,
                   seed: int = 0) -> dict:
@@ -361,7 +346,7 @@ def shot_accuracy(model, tasks: list[Task], shots: list[int], *, n_queries: int 
     acc = [sum(by_family[f][i] for f in by_family) / len(by_family) for i in range(len(shots))]
     return {"shots": list(shots), "accuracy": acc, "by_family": by_family}
 
-# %% ../nbs/09_dricl.ipynb #00303632
+# %% ../nbs/09_dricl.ipynb #2adfb6bd
 ARMS = {"nll": (None, 1), "nll (equal compute)": (None, 2), "dricl": (DrICLConfig(), 1),
         "dricl (official weights)": (DrICLConfig(weights="official"), 1), "dricl (sign -1)": (DrICLConfig(sign=-1.0), 1),
         "dricl (no reweighting)": (DrICLConfig(weights="none"), 1), "alpha 0": (DrICLConfig(alpha=0.0), 1),
@@ -385,8 +370,10 @@ def dricl_experiment_config() -> DrICLExperiment:
     "The comparison's sizes for the active profile (`LMCOURSE_PROFILE`)."
     return by_profile(
         smoke=DrICLExperiment(ModelConfig(vocab_size=VOCAB_SIZE, d_model=64, n_layers=2, n_heads=4, max_seq_len=160),
-                              None, TrainConfig(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20,
-                                                eval_every=200, eval_batches=1, progress=False),
+                              TrainConfig(steps=200, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20,
+                                          eval_every=200, eval_batches=1, progress=False),
+                              TrainConfig(steps=60, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5,
+                                          eval_every=60, eval_batches=1, progress=False),
                               max_len=128, noise=0.0, families=("classify",), shots=(0, 16), n_queries=32,
                               arms=("nll", "dricl")),
         full=DrICLExperiment(ModelConfig(vocab_size=VOCAB_SIZE, d_model=256, n_layers=4, n_heads=4, max_seq_len=2048),
@@ -396,6 +383,17 @@ def dricl_experiment_config() -> DrICLExperiment:
                                          eval_every=300, eval_batches=2, progress=False),
                              max_len=2048, noise=0.2, families=FAMILIES, shots=(0, 1, 2, 4, 8, 16, 32, 64, 128, 200),
                              n_queries=8, arms=tuple(ARMS)))
+
+@torch.no_grad()
+def objective_losses(model, batch: Batch) -> dict:
+    "The two passes' losses of `model` on `batch`: many-shot per-demonstration mean and zero-shot token mean."
+    device = next(model.parameters()).device
+    _, metrics = dricl_loss(model, batch.to(device), DrICLConfig(weights="none", backend="reference"))
+    return {"ms_loss": metrics["ms_loss"], "zs_loss": metrics["zs_loss"]}
+
+def _fresh(cfg: DrICLExperiment, seed: int):
+    torch.manual_seed(seed)
+    return Transformer(cfg.model)
 
 def _batches(tasks, cfg: DrICLExperiment, noise: float):
     return lambda split, g: episode_batch(tasks, cfg.finetune.batch_size, cfg.max_len, g, noise=noise)
@@ -407,13 +405,15 @@ def run_dricl_experiment(cfg: DrICLExperiment | None = None, seed: int = 0, devi
     bench = many_shot_benchmark()
     in_domain = [t for t in bench.in_domain if t.family in cfg.families]
     held_out = [t for t in bench.held_out if t.family in cfg.families]
-    torch.manual_seed(seed)
-    base = Transformer(cfg.model)
+    base = _fresh(cfg, seed)
     out = {"seed": seed, "model": cfg.model.__dict__, "finetune": cfg.finetune.__dict__, "noise": cfg.noise,
            "families": list(cfg.families), "max_len": cfg.max_len, "arms": {}}
     if cfg.pretrain is not None:
         hist = train(base, _batches(in_domain, cfg, cfg.noise), replace(cfg.pretrain, seed=seed), device=device)
         out["pretrain"] = hist.to_dict()
+    probe = episode_batch(in_domain, cfg.finetune.batch_size, cfg.max_len, torch.Generator().manual_seed(10_000 + seed))
+    out["initial"] = objective_losses(_fresh(cfg, seed), probe)
+    out["pretrained"] = objective_losses(base, probe)
     state = copy.deepcopy(base.state_dict())
     for arm in cfg.arms:
         loss_cfg, steps_factor = ARMS[arm]
@@ -423,12 +423,12 @@ def run_dricl_experiment(cfg: DrICLExperiment | None = None, seed: int = 0, devi
         hist = train(model, _batches(in_domain, cfg, cfg.noise), tcfg, device=device,
                      loss_fn=None if loss_cfg is None else partial(dricl_loss, cfg=loss_cfg))
         shots = [k for k in cfg.shots if all(k + 1 <= max_shots(t, cfg.max_len) for t in in_domain + held_out)]
-        out["arms"][arm] = {"history": hist.to_dict(),
+        out["arms"][arm] = {"history": hist.to_dict(), "losses": objective_losses(model, probe),
                             "in_domain": shot_accuracy(model, in_domain, shots, n_queries=cfg.n_queries, noise=cfg.noise, seed=seed),
                             "held_out": shot_accuracy(model, held_out, shots, n_queries=cfg.n_queries, noise=cfg.noise, seed=seed)}
     return out
 
-# %% ../nbs/09_dricl.ipynb #3e174a19
+# %% ../nbs/09_dricl.ipynb #4eebe748
 def hf_zero_shot_mask(labels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Additive 4-D attention mask [B, 1, T, T] (0 = may attend, dtype min = not) of the zero-shot pass for a
     `transformers` causal LM, from its (unshifted) labels [B, T]. Eager attention adds the mask, so it must be float."""

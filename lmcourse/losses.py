@@ -8,9 +8,10 @@ Docs: https://lmcourse.github.io/lmcourse/losses.html.md"""
 __all__ = ['IGNORE_INDEX', 'REDUCTIONS', 'LOG2E', 'STATS', 'LOGITS', 'GRAD', 'CPU_BLOCKS', 'TILE_BLOCK_V', 'GPU_CONFIGS',
            'linear_cross_entropy_ref', 'gpu_configs', 'forced_blocks', 'default_chunk_rows',
            'FusedLinearCrossEntropyFunction', 'CrossEntropyOutput', 'fused_linear_cross_entropy', 'segment_means',
-           'check_fused_ce', 'benchmark_fused_ce', 'benchmark_summary', 'hf_causal_lm_loss']
+           'check_fused_ce', 'benchmark_fused_ce', 'benchmark_summary', 'final_hidden', 'fused_lm_loss',
+           'hf_causal_lm_loss']
 
-# %% ../nbs/00h_losses.ipynb #0f99361c
+# %% ../nbs/00h_losses.ipynb #18f7e418
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import triton.language as tl
 from .testing import (alloc_output, assert_close, kernel_device, poisoned_outputs, random_tensors, tolerance,
                               triton_interpreted)
 
-# %% ../nbs/00h_losses.ipynb #4ad4d03a
+# %% ../nbs/00h_losses.ipynb #a60ec9c2
 IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -43,7 +44,7 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets
     total = losses.sum()
     return total / (targets != ignore_index).sum() if reduction == "mean" else total
 
-# %% ../nbs/00h_losses.ipynb #481be459
+# %% ../nbs/00h_losses.ipynb #6f5a48cb
 _LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E = 1.4426950408889634
 STATS, LOGITS, GRAD = 0, 1, 2      # what the tile kernel writes
@@ -67,7 +68,7 @@ def _dot_tile(p_a, p_b, o_m, o_n, M, N, K, stride_am, stride_ak, stride_bk, stri
         p_b += BLOCK_K * stride_bk
     return b_acc
 
-# %% ../nbs/00h_losses.ipynb #280ba925
+# %% ../nbs/00h_losses.ipynb #5a7b3ce2
 @triton.jit
 def _ce_tile_kernel(x, w, y, out, part_m, part_l, zy, lse2, g,
                     T, V, H, stride_xt, stride_wv, stride_ot, t_bucket,
@@ -139,7 +140,7 @@ def _matmul_kernel(a, b, c, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
         b_acc += tl.load(p_c, mask=m_c, other=0.0).to(tl.float32)
     tl.store(p_c, b_acc.to(c.dtype.element_ty), mask=m_c)
 
-# %% ../nbs/00h_losses.ipynb #57d9e14e
+# %% ../nbs/00h_losses.ipynb #51deb21d
 CPU_BLOCKS = {"tile": dict(BLOCK_T=32, BLOCK_V=64, BLOCK_H=32), "grad": dict(BLOCK_T=32, BLOCK_V=128),
               "matmul": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)}
 
@@ -176,26 +177,28 @@ def forced_blocks(**blocks):
         _FORCED.clear(); _FORCED.update(before)
 
 _TUNE_KEYS = {"tile": ["t_bucket", "V", "H", "MODE"], "matmul": ["m_bucket", "N", "K", "ACCUMULATE"]}
-_RAW = {"tile": _ce_tile_kernel, "grad": _softmax_grad_kernel, "matmul": _matmul_kernel}
 _TUNED: dict = {}
 
-def _kernel(kind: str, dtype: torch.dtype):
-    """The kernel to launch and its launch options: forced blocks, the CPU blocks in the interpreter, or on a GPU
-    the autotuner over `gpu_configs(kind, dtype)` (the in-place matmul is restored between trials)."""
-    if kind in _FORCED:
-        return _RAW[kind], dict(_FORCED[kind])
-    if not torch.cuda.is_available():
-        return _RAW[kind], dict(CPU_BLOCKS[kind])
-    configs = gpu_configs(kind, dtype)
-    if kind not in _TUNE_KEYS:   # a single config: no tuning
-        return _RAW[kind], {**configs[0].kwargs, "num_warps": configs[0].num_warps, "num_stages": configs[0].num_stages}
+def _launchable(kernel, kind: str, dtype: torch.dtype):
+    """What to launch for `kernel` of `kind`: on a GPU the kernel autotuned over `gpu_configs(kind, dtype)` (the in-place
+    matmul is restored between trials), unless blocks are forced or the kind has one config; else the kernel itself."""
+    if kind in _FORCED or not torch.cuda.is_available() or kind not in _TUNE_KEYS:
+        return kernel
     key = (kind, dtype == torch.float32)
     if key not in _TUNED:
         extra = {"restore_value": ["c"]} if kind == "matmul" else {}
-        _TUNED[key] = triton.autotune(configs, key=_TUNE_KEYS[kind], **extra)(_RAW[kind])
-    return _TUNED[key], {}
+        _TUNED[key] = triton.autotune(gpu_configs(kind, dtype), key=_TUNE_KEYS[kind], **extra)(kernel)
+    return _TUNED[key]
 
-# %% ../nbs/00h_losses.ipynb #84be2f30
+def _blocks(kind: str, dtype: torch.dtype) -> dict:
+    "Launch options for `_launchable(kernel, kind, dtype)`: forced blocks, the CPU blocks, one GPU config, or none (autotuned)."
+    if kind in _FORCED: return dict(_FORCED[kind])
+    if not torch.cuda.is_available(): return dict(CPU_BLOCKS[kind])
+    if kind in _TUNE_KEYS: return {}
+    cfg = gpu_configs(kind, dtype)[0]
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+# %% ../nbs/00h_losses.ipynb #cae3039f
 def _combine_lse2(part_m, part_l):
     "log2 Σ_j l_j 2^(m_j) over the partial (max, sum) pairs of the vocabulary tiles, [n_tiles, T] -> [T]."
     m = part_m.amax(0)
@@ -208,11 +211,12 @@ def _tile_pass(x, w, y, mode: int, out=None, lse2=None, g=None):
     g·(softmax − onehot) into `out` using the given base-2 LSE and returns None."""
     C, H = x.shape
     V = w.shape[0]
-    fn, blocks = _kernel("tile", x.dtype)
+    kernel = _launchable(_ce_tile_kernel, "tile", x.dtype)
+    blocks = _blocks("tile", x.dtype)
     block_v = blocks.get("BLOCK_V", TILE_BLOCK_V)
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)
     if mode == GRAD:
-        fn[grid](x, w, y, out, out, out, out, lse2, g, C, V, H, x.stride(0), w.stride(0), out.stride(0),
+        kernel[grid](x, w, y, out, out, out, out, lse2, g, C, V, H, x.stride(0), w.stride(0), out.stride(0),
                  triton.next_power_of_2(C), MODE=GRAD, **blocks)
         return None
     n_tiles = triton.cdiv(V, block_v)
@@ -220,7 +224,7 @@ def _tile_pass(x, w, y, mode: int, out=None, lse2=None, g=None):
     part_l = alloc_output((n_tiles, C), torch.float32, x.device)
     zy = torch.zeros(C, dtype=torch.float32, device=x.device)        # rows whose target is ignored stay 0
     out = part_m if out is None else out
-    fn[grid](x, w, y, out, part_m, part_l, zy, zy, zy, C, V, H, x.stride(0), w.stride(0), out.stride(0),
+    kernel[grid](x, w, y, out, part_m, part_l, zy, zy, zy, C, V, H, x.stride(0), w.stride(0), out.stride(0),
              triton.next_power_of_2(C), MODE=mode, **blocks)
     return _combine_lse2(part_m, part_l), zy
 
@@ -228,9 +232,10 @@ def _matmul_into(c, a, b, accumulate: bool):
     "Kernel D: c (+)= a @ b for 2-D views (any strides; c row-major), fp32 accumulation in the kernel."
     M, K = a.shape
     N = b.shape[1]
-    fn, blocks = _kernel("matmul", b.dtype)
+    kernel = _launchable(_matmul_kernel, "matmul", b.dtype)
+    blocks = _blocks("matmul", b.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    fn[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+    kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
              triton.next_power_of_2(M), ACCUMULATE=accumulate, **blocks)
 
 def default_chunk_rows(T: int, V: int, weight_bytes: int, elem_bytes: int) -> int:
@@ -272,16 +277,16 @@ def _ce_grads(x, w, y, g, lse2, need_dx: bool, need_dw: bool, chunk_rows: int):
             _tile_pass(xc, w, yc, GRAD, out=d, lse2=lse2[t0:t1], g=gc)
         else:
             lse2[t0:t1], zy[t0:t1] = _tile_pass(xc, w, yc, LOGITS, out=d)
-            fn, blocks = _kernel("grad", x.dtype)
-            fn[lambda meta: (triton.cdiv(t1 - t0, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
-                d, lse2[t0:t1], yc, gc, t1 - t0, V, d.stride(0), **blocks)
+            kernel = _launchable(_softmax_grad_kernel, "grad", x.dtype)
+            kernel[lambda meta: (triton.cdiv(t1 - t0, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))](
+                d, lse2[t0:t1], yc, gc, t1 - t0, V, d.stride(0), **_blocks("grad", x.dtype))
         if need_dx:
             _matmul_into(dx[t0:t1], d, w, accumulate=False)              # dX_c = D_c W        [C, H]
         if need_dw:
             _matmul_into(dw, d.t(), xc, accumulate=i > 0)                # dW += D_cᵀ X_c      [V, H]
     return dx, dw, lse2, zy
 
-# %% ../nbs/00h_losses.ipynb #97ef12a6
+# %% ../nbs/00h_losses.ipynb #9283da8e
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the kernels. Returns (loss, token_losses); token_losses (unscaled CE, fp32) carry no gradient.
 
@@ -323,7 +328,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 dw = dw * grad_loss.to(dw.dtype) if dw is not None else None
         return dx, dw, None, None, None, None, None, None, None
 
-# %% ../nbs/00h_losses.ipynb #4986a3fa
+# %% ../nbs/00h_losses.ipynb #716b997d
 class CrossEntropyOutput(NamedTuple):
     "What `fused_linear_cross_entropy` returns when statistics are asked for."
     loss: torch.Tensor             # scalar ('sum', 'mean') or [...] per token ('none'), differentiable
@@ -377,7 +382,7 @@ def _check_inputs(hidden, weight, targets, scale, ignore_index, reduction, segme
             raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
                              f"got {targets[bad][0].item()}")
 
-# %% ../nbs/00h_losses.ipynb #ef22b34d
+# %% ../nbs/00h_losses.ipynb #0f3ac618
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                scale: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                reduction: str = "sum", segment_ids: torch.Tensor | None = None,
@@ -421,7 +426,7 @@ def segment_means(values: torch.Tensor, segment_ids: torch.Tensor, valid: torch.
     counts = torch.zeros(n, dtype=torch.float32, device=values.device).index_add_(0, idx, keep.float())
     return sums / counts
 
-# %% ../nbs/00h_losses.ipynb #9a6b26c1
+# %% ../nbs/00h_losses.ipynb #04c3a8de
 def check_fused_ce(T: int, V: int, H: int, *, dtype=torch.float32, reduction: str = "sum", chunk_rows: int | None = None,
                    ignore_every: int = 5, zero_scale: bool = True, logit_scale: float = 1.0, device=None,
                    seed: int | None = None) -> dict:
@@ -453,7 +458,7 @@ def check_fused_ce(T: int, V: int, H: int, *, dtype=torch.float32, reduction: st
             "dX": assert_close(xk.grad, xr.grad, 2 * tol, "dX", seed),
             "dW": assert_close(wk.grad, wr.grad, 2 * tol, "dW", seed)}
 
-# %% ../nbs/00h_losses.ipynb #1bc1484e
+# %% ../nbs/00h_losses.ipynb #0c83f33e
 def benchmark_fused_ce(vocab_sizes=(32_000, 128_256), T: int = 8192, H: int = 4096, dtype=torch.bfloat16) -> dict:
     "GPU sweep over `vocab_sizes`: rows {vocab, provider, ms, ms_p20, ms_p80, tflops, floor_ms, peak_mb, extra_mb}."
     from lmcourse.bench import bench_ms, roofline_ms
@@ -507,7 +512,19 @@ def benchmark_summary(result: dict) -> list[dict]:
         out.append(row)
     return out
 
-# %% ../nbs/00h_losses.ipynb #283aa364
+# %% ../nbs/00h_losses.ipynb #6d04d739
+def final_hidden(model, tokens: torch.Tensor, *, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    "The input of an `lmcourse.model.Transformer`'s head: norm(body(embed(tokens))), [B, T, d]."
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return model.norm(model.body(model.embed(tokens, positions), positions, segment_ids=segment_ids))
+
+def fused_lm_loss(model, batch, *, reduction: str = "mean"):
+    "A `loss_fn` for `lmcourse.train.train`: the model's next-token loss through the fused kernel; returns (loss, {})."
+    hidden = final_hidden(model, batch.inputs, segment_ids=batch.segment_ids)
+    weight = model.lm_head.weight
+    return fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), batch.targets, reduction=reduction), {}
+
+# %% ../nbs/00h_losses.ipynb #afa849c2
 def hf_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, scale: torch.Tensor | None = None,
                       reduction: str = "mean", **model_kwargs) -> torch.Tensor:
     """The loss of a `transformers` causal LM (`model.model` body, `model.lm_head` head) with the fused kernel.
