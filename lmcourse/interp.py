@@ -289,10 +289,12 @@ class PathPatching:
         def edit_for(name):
             steps = []
             if name in receiving: steps.append(lambda x: recorded.setdefault(name, x))       # before freezing
-            if name in self.frozen: steps.append(lambda x, v=rep(self.clean[name]): v)
+            if name in self.frozen:
+                clean = rep(self.clean[name])
+                steps.append(lambda x: clean)
             if name in senders:
-                value = self.source[name] if self.ablation == "mean" else rep(self.source[name])
-                steps.append(lambda x, m=sender_mask(name), v=value: torch.where(m, v.to(x.dtype), x))
+                where, value = sender_mask(name), self.source[name] if self.ablation == "mean" else rep(self.source[name])
+                steps.append(lambda x: torch.where(where, value.to(x.dtype), x))
             def edit(x):
                 for step in steps: x = step(x)
                 return x
