@@ -17,7 +17,7 @@ __all__ = ['PAPER_BASES', 'LAYOUTS', 'ROTATE_BLOCK_T', 'ROTATE_NUM_WARPS', 'MIN_
            'moice_run_config', 'train_retrieval_base', 'train_routers', 'moice_retrieval_experiment',
            'MoICELlamaAttention', 'apply_moice']
 
-# %% ../nbs/04_moice.ipynb #b473bc02
+# %% ../nbs/04_moice.ipynb #ad3541ea
 import math
 import time
 from dataclasses import dataclass, replace
@@ -38,7 +38,7 @@ from .polarquant import _default_splits
 from .testing import alloc_output, triton_interpreted
 from .train import TrainConfig, by_profile, default_device, train
 
-# %% ../nbs/04_moice.ipynb #c6502de7
+# %% ../nbs/04_moice.ipynb #db37d534
 PAPER_BASES = (10_000.0, 17_500.0, 18_000.0, 19_000.0, 20_000.0, 22_500.0, 25_000.0)   # released default, N = 7
 
 def attention_waveform(deltas, base: float, head_dim: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def waveform_minimum(bases: Sequence[float], head_dim: int, lo: int, hi: int) ->
     i = int(w.argmin())
     return w[i].item(), int(deltas[i])
 
-# %% ../nbs/04_moice.ipynb #97851fe4
+# %% ../nbs/04_moice.ipynb #a33d39f5
 def choose_bases(head_dim: int, context: int, n_experts: int, own_base: float = 10_000.0,
                  candidates: Sequence[float] | None = None, lo: int | None = None) -> tuple[float, ...]:
     """N bases for `head_dim` and `context`: the model's own base first, then greedily the candidate that most raises
@@ -77,7 +77,7 @@ def choose_bases(head_dim: int, context: int, n_experts: int, own_base: float = 
         total = total + waves[best]
     return tuple(chosen)
 
-# %% ../nbs/04_moice.ipynb #7e725c11
+# %% ../nbs/04_moice.ipynb #6b340087
 def moice_frequencies(bases: Sequence[float], head_dim: int, device=None) -> torch.Tensor:
     "θ_{j,i} = b_j^(−2i/d): one row of rotary frequencies per expert, [N, d/2] float32 (rows of `rope_frequencies`)."
     if len(bases) == 0: raise ValueError("need at least one base")
@@ -107,7 +107,7 @@ def moice_attention_ref(q, k, v, gates, freqs, *, causal: bool = True, scale: fl
                                    segment_ids=segment_ids, attn_fn=attn_fn)
     return torch.einsum("bhtn,bhntd->bhtd", gates.to(experts.dtype), experts)
 
-# %% ../nbs/04_moice.ipynb #979ae1dd
+# %% ../nbs/04_moice.ipynb #a74a66ab
 class MoICERouter(nn.Module):
     """z = W2·[SiLU(W1 x) ⊙ (W3 x)] per (token, head): router logits [B, H, T, N] from x [B, H, T, D] (x = RoPE_{b_1}(q)).
 
@@ -152,7 +152,7 @@ def balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     f = F.one_hot(probs.topk(top_k, -1).indices, n).float().mean(0)        # [K, N]
     return n * (f * probs.mean(0)).sum()
 
-# %% ../nbs/04_moice.ipynb #830c1b23
+# %% ../nbs/04_moice.ipynb #619aa4e8
 @triton.jit
 def _moice_fwd_simple_kernel(q, k, v, g, freqs, o, T, qk_scale,
                              N: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -208,7 +208,7 @@ def moice_attention_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
         N=freqs.shape[0], D=D, BLOCK=block, num_warps=8)                 # 4 warps spill at head dim 128
     return o
 
-# %% ../nbs/04_moice.ipynb #01a25373
+# %% ../nbs/04_moice.ipynb #e929a0f3
 @triton.jit
 def _load_pairs(p, o_rows, o_p, stride_t, n_rows, P: tl.constexpr, BLOCK_P: tl.constexpr,
                 PAIR_STRIDE: tl.constexpr, Y_SHIFT: tl.constexpr, CHECK_ROWS: tl.constexpr):
@@ -262,7 +262,7 @@ def _query_ranges(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUS
         full = 0
     return lo, full, m_end
 
-# %% ../nbs/04_moice.ipynb #799e8b30
+# %% ../nbs/04_moice.ipynb #34a725ea
 LAYOUTS = {"half": lambda D: (1, D // 2), "interleaved": lambda D: (2, 1)}   # -> (PAIR_STRIDE, Y_SHIFT)
 ROTATE_BLOCK_T, ROTATE_NUM_WARPS = 32, 8
 
@@ -347,7 +347,7 @@ def rotate_experts(x: torch.Tensor, freqs: torch.Tensor, offset: int = 0, layout
         raise ValueError(f"rotate_experts takes x [B, H, T, D] (D even) and freqs [N, D/2]; got {tuple(x.shape)}, {tuple(freqs.shape)}")
     return RotateExpertsFunction.apply(_unit_last_stride(x), freqs.float().contiguous(), int(offset), layout)
 
-# %% ../nbs/04_moice.ipynb #f6b08c4e
+# %% ../nbs/04_moice.ipynb #c7c08342
 @triton.jit
 def _mea_fwd_kernel(q, k, v, g, o, o_acc, lse, oe,  # q [B, H, N, Tq, D], k [B, Hkv, N, Tk, D]: rotated, contiguous
                     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
@@ -395,7 +395,7 @@ def _mea_fwd_kernel(q, k, v, g, o, o_acc, lse, oe,  # q [B, H, N, Tq, D], k [B, 
         else:
             tl.store(o + p_o, b_out.to(o.dtype.element_ty), mask=m_o)
 
-# %% ../nbs/04_moice.ipynb #9d10a675
+# %% ../nbs/04_moice.ipynb #2e2e8b4a
 @triton.jit
 def _mea_gate_grad_kernel(do, oe, dg, Tq, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr):
@@ -525,7 +525,7 @@ def _mea_bwd_dq_kernel(q, k, v, g, do, lse, dg, dq,
         tl.store(dq + o_row[:, None] * HEAD_DIM + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
                  mask=m_row[:, None] & (o_d[None, :] < HEAD_DIM))
 
-# %% ../nbs/04_moice.ipynb #760a328b
+# %% ../nbs/04_moice.ipynb #761b47ea
 MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_EXPERTS = 16, 128, 16
 CPU_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 CPU_DECODE_BLOCK_T = 16
@@ -537,8 +537,9 @@ def _configs(shapes):
 GPU_CONFIGS = {   # (BLOCK_M, BLOCK_N, num_warps, num_stages): spill-free at head dims 64 and 128, sm_90, Triton 3.6 and 3.9
     "fwd": {"16bit": _configs([(64, 32, 8, 3)]),   # (64, 64, 8, 3) spills 40 bytes on sm_80
             "fp32": _configs([(16, 32, 8, 2), (32, 32, 8, 2)])},
-    "dkdv": {"16bit": _configs([(16, 64, 8, 2)]),  # (32, 64, 8, 2) spills with Triton 3.6 (8 bytes, dK pass)
-             "fp32": _configs([(32, 32, 8, 2), (16, 32, 4, 2)])},
+    "dk": {"16bit": _configs([(16, 64, 8, 2)]),    # (32, 64, 8, 2) spills with Triton 3.6 (8 bytes)
+           "fp32": _configs([(32, 32, 4, 2), (16, 32, 4, 1)])},
+    "dv": {"16bit": _configs([(32, 64, 8, 2), (16, 64, 8, 2)]), "fp32": _configs([(16, 32, 8, 2)])},
     "dq": {"16bit": _configs([(64, 64, 8, 2), (64, 32, 8, 2)]), "fp32": _configs([(32, 32, 8, 2), (16, 32, 8, 2)])},
     "decode": {"BLOCK_T": 64, "num_warps": 8},     # on sm_80 it spills at head dim 64 with one query head per kv head
 }
@@ -551,14 +552,15 @@ def _prune_by_dtype(name):
     return prune
 
 def _tuned(kernel, name):
-    "The kernel autotuned over its GPU configs on a GPU; unchanged in the interpreter (autotune needs a driver)."
+    """The kernel autotuned over `GPU_CONFIGS[name]` on a GPU; unchanged in the interpreter (autotune needs a driver).
+    The key-side kernel gets two tuners, one per pass (dK and dV hold different tiles)."""
     if not torch.cuda.is_available(): return kernel
     configs = GPU_CONFIGS[name]["16bit"] + GPU_CONFIGS[name]["fp32"]
-    key = _TUNE_KEY + (["DK"] if name == "dkdv" else [])
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune_by_dtype(name)})(kernel)
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_dtype(name)})(kernel)
 
 _mea_fwd = _tuned(_mea_fwd_kernel, "fwd")
-_mea_bwd_dkdv = _tuned(_mea_bwd_dkdv_kernel, "dkdv")
+_mea_bwd_dk = _tuned(_mea_bwd_dkdv_kernel, "dk")
+_mea_bwd_dv = _tuned(_mea_bwd_dkdv_kernel, "dv")
 _mea_bwd_dq = _tuned(_mea_bwd_dq_kernel, "dq")
 
 def _blocks(blocks: dict | None):
@@ -566,7 +568,7 @@ def _blocks(blocks: dict | None):
     if blocks is not None: return dict(blocks)
     return {} if torch.cuda.is_available() else dict(CPU_BLOCKS)
 
-# %% ../nbs/04_moice.ipynb #c994458d
+# %% ../nbs/04_moice.ipynb #3316f00f
 def _check_moice_inputs(q, k, v, gates, freqs, scale, layout, *, decode: bool = False):
     "Raise a clear error for anything the kernels do not cover, on every device."
     for name, t in (("q", q), ("k", k), ("v", v), ("gates", gates), ("freqs", freqs)):
@@ -603,7 +605,7 @@ def _check_moice_inputs(q, k, v, gates, freqs, scale, layout, *, decode: bool = 
     if max(B * H, B * k.shape[1]) * N * max(Tq, Tk) * D >= 2**31:     # the prefill kernels' offsets are 32-bit
         raise ValueError(f"{B}×{H}×{N}×{max(Tq, Tk)}×{D} elements per rotated copy overflow 32-bit offsets: split the batch")
 
-# %% ../nbs/04_moice.ipynb #db818ab1
+# %% ../nbs/04_moice.ipynb #83979a80
 def _mea_forward(qr, kr, v, gates, causal: bool, scale: float, store_experts: bool, blocks=None):
     "Launch the forward: o [B, H, Tq, D], base-2 LSE [B, H, N, Tq] and (if `store_experts`) A_j [B, H, N, Tq, D]."
     B, H, N, Tq, D = qr.shape
@@ -631,8 +633,8 @@ def _mea_backward(qr, kr, v, gates, lse, oe, do, causal: bool, scale: float, blo
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
     meta = dict(N=N, HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, **_blocks(blocks))
     strides = (v.stride(0), v.stride(1), v.stride(2), gates.stride(0), gates.stride(1), gates.stride(2))
-    for pass_dk in (True, False):                                   # dK_j, then dV (one accumulator each)
-        _mea_bwd_dkdv[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)](
+    for kernel, pass_dk in ((_mea_bwd_dk, True), (_mea_bwd_dv, False)):   # dK_j, then dV (one accumulator each)
+        kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)](
             qr, kr, v, gates, do, lse, dg, dkr, dv, *strides, dv.stride(0), dv.stride(1), dv.stride(2),
             H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, DK=pass_dk, **meta)
     _mea_bwd_dq[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
@@ -670,7 +672,7 @@ def moice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: to
     qr, kr = rotate_experts(q, freqs, Tk - Tq, layout), rotate_experts(k, freqs, 0, layout)
     return MultiExpertAttentionFunction.apply(qr, kr, v, gates, bool(causal), float(scale), blocks)
 
-# %% ../nbs/04_moice.ipynb #e73354af
+# %% ../nbs/04_moice.ipynb #bfada710
 @triton.jit
 def _moice_decode_split_kernel(q, k, v, freqs, delta_cs, o_part, lse_part,
                                stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -758,7 +760,7 @@ def _moice_decode_reduce_kernel(o_part, lse_part, g, o, stride_gb, stride_gh, Hq
         b_out += b_g * b_acc / tl.sum(b_sum, 0)
     tl.store(o + i_bh * HEAD_DIM + o_d, b_out.to(o.dtype.element_ty), mask=m_d)
 
-# %% ../nbs/04_moice.ipynb #06823534
+# %% ../nbs/04_moice.ipynb #3478f12b
 _DELTA_TABLES: dict = {}
 
 def _delta_table(freqs: torch.Tensor, block_t: int, block_p: int) -> torch.Tensor:
@@ -809,7 +811,7 @@ def moice_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
                                           N=N, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=DECODE_REDUCE_BLOCK_S)
     return o
 
-# %% ../nbs/04_moice.ipynb #64daabbc
+# %% ../nbs/04_moice.ipynb #e33d5f85
 def gpu_launch_specs(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"), head_dims: Sequence[int] = (64, 128),
                      n_experts: int = 7, groups: Sequence[int] = (1, 8)) -> list[dict]:
     """Compile specs of every GPU launch: {name, kernel, args, num_warps, num_stages}; `args` maps each kernel argument
@@ -830,11 +832,11 @@ def gpu_launch_specs(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"), head_dims
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             bwd = dict(q=pt, k=pt, v=pt, g="*fp32:16", do=pt, lse="*fp32:16", dg="*fp32:16", **strides_vg, **sizes,
                        scale=f32, **common, CAUSAL=True)
-            for cfg in GPU_CONFIGS["dkdv"][cls]:
-                for pass_dk in (True, False):
+            for name, pass_dk in (("dk", True), ("dv", False)):
+                for cfg in GPU_CONFIGS[name][cls]:
                     args = dict(bwd, dk=pt, dv=pt, stride_dvb=i16, stride_dvh=i16, stride_dvt=i16, **cfg.kwargs, DK=pass_dk)
-                    specs.append(dict(name=f"dkdv {dt} d{D} {'dK' if pass_dk else 'dV'} {cfg.kwargs}", kernel=_mea_bwd_dkdv_kernel,
-                                      args=args, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    specs.append(dict(name=f"{name} {dt} d{D} {cfg.kwargs}", kernel=_mea_bwd_dkdv_kernel, args=args,
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             for cfg in GPU_CONFIGS["dq"][cls]:
                 specs.append(dict(name=f"dq {dt} d{D} {cfg.kwargs}", kernel=_mea_bwd_dq_kernel,
                                   args=dict(bwd, dq=pt, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -869,7 +871,7 @@ def gpu_launch_specs(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"), head_dims
                                     N=n_experts, D=128, BLOCK=32)))
     return specs
 
-# %% ../nbs/04_moice.ipynb #de38d32d
+# %% ../nbs/04_moice.ipynb #e0b94ee7
 def released_decode_step(q, k, v, gates, freqs, scale=None):
     """The released code's decode step: the un-rotated cache k, v [B, Hkv, L, D] rotated with every base and replicated
     N times (N·H heads), one attention over them, then the gates [B, H, 1, N]. Returns [B, H, 1, D]."""
@@ -957,7 +959,7 @@ def benchmark_moice(decode_lengths: Sequence[int] = (4096, 8192, 16384, 32768),
                                                     list(prefill_lengths), x_name="seq_len", flops=lambda T: 3.5 * flops(T))
     return results
 
-# %% ../nbs/04_moice.ipynb #784af3c8
+# %% ../nbs/04_moice.ipynb #422754f0
 def moice_attention_weights(q, k, gates, freqs, *, causal: bool = True, scale: float | None = None,
                             layout: str = "half", segment_ids=None) -> torch.Tensor:
     "The effective attention pattern Σ_j g_j softmax_j, [B, H, Tq, Tk] (rows sum to 1): q, k un-rotated as above."
@@ -1091,7 +1093,7 @@ def moice_loss(alpha: float = 0.3):
         return loss + alpha * aux, {"balance_loss": aux.detach()}
     return loss_fn
 
-# %% ../nbs/04_moice.ipynb #d4c56915
+# %% ../nbs/04_moice.ipynb #3fa659c9
 KV_ASK = FILLER          # the question marker (the engine's filler id, unused otherwise in this task)
 
 def kv_retrieval_task(n: int, *, seed: int = 0, length: int = 512, n_queries: int = 8, key_len: int = 2,
@@ -1159,7 +1161,7 @@ def router_stats(model: nn.Module, tokens: torch.Tensor) -> dict:
         stats["usage_per_head"].append(gates.mean((0, 2)).tolist())
     return stats
 
-# %% ../nbs/04_moice.ipynb #13bbebab
+# %% ../nbs/04_moice.ipynb #d73d522b
 @dataclass
 class MoICERunConfig:
     "Sizes of the retrieval experiment (smoke: CPU seconds, a pipeline check; full: one H100/H200, minutes)."
@@ -1247,7 +1249,7 @@ def moice_retrieval_experiment(cfg: MoICERunConfig | None = None, seed: int = 0)
             "tokens_base": cfg.base_train.steps * cfg.base_train.batch_size * cfg.train_len,
             "seconds": time.perf_counter() - start}
 
-# %% ../nbs/04_moice.ipynb #b2953121
+# %% ../nbs/04_moice.ipynb #03f7ccfe
 def _hf_rope_base(config) -> float:
     "The plain-RoPE base of a `transformers` config; other rope types are refused."
     params = getattr(config, "rope_parameters", None) or {}

@@ -178,7 +178,7 @@ def test_prefill_kernels_match_reference(case):
     _check_prefill(**case)
 
 
-GPU_BLOCKS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for name in ("fwd", "dkdv", "dq")
+GPU_BLOCKS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for name in ("fwd", "dk", "dv", "dq")
                      for cls in ("16bit", "fp32") for c in GPU_CONFIGS[name][cls]})
 
 
@@ -357,7 +357,7 @@ def test_every_gpu_configuration_compiles_for_sm90_without_spills():
     assert not spilled, spilled
     shared = [r for r in rows if r["shared"] > 227 * 1024]
     assert not shared, shared
-    no_wgmma = [r for r in rows if r["name"].split()[0] in ("fwd", "dkdv", "dq") and "fp32" not in r["name"] and not r["wgmma"]]
+    no_wgmma = [r for r in rows if r["name"].split()[0] in ("fwd", "dk", "dv", "dq") and "fp32" not in r["name"] and not r["wgmma"]]
     assert not no_wgmma, no_wgmma
 
 
