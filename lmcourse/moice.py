@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .cog import LOG2E, _cog_fwd_inner, _key_ranges, _load_rows
+from .cog import LOG2E, _cog_fwd_inner, _configs, _key_ranges, _load_rows, _unit_last_stride
 from .data import BOS, FILLER, FIRST_CONTENT, SEP, Batch, IGNORE_INDEX
 from .model import (
     Attention, ModelConfig, NoPositions, Transformer, apply_rotary, attention_weights, check_qkv, expand_kv,
@@ -314,9 +314,6 @@ def _pairs_meta(D: int, layout: str) -> dict:
     pair_stride, y_shift = LAYOUTS[layout](D)
     return dict(HEAD_DIM=D, BLOCK_P=triton.next_power_of_2(D // 2), PAIR_STRIDE=pair_stride, Y_SHIFT=y_shift)
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 class RotateExpertsFunction(torch.autograd.Function):
     "x [B, H, T, D] -> [B, H, N, T, D] rotated with every expert's frequencies; backward rotates back and sums."
     @staticmethod
@@ -530,9 +527,6 @@ MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_EXPERTS = 16, 128, 16
 CPU_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 CPU_DECODE_BLOCK_T = 16
 DECODE_REDUCE_BLOCK_S = 16     # cache chunks combined at a time by the decode reduction
-
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 GPU_CONFIGS = {   # (BLOCK_M, BLOCK_N, num_warps, num_stages): spill-free at head dims 64 and 128, sm_90, Triton 3.6 and 3.9
     "fwd": {"16bit": _configs([(64, 32, 8, 3)]),   # (64, 64, 8, 3) spills 40 bytes on sm_80

@@ -326,13 +326,14 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_prefill_refuses_sizes_past_its_32bit_offsets_and_decode_does_not():
-    # stride-0 views: the launcher's checks run before anything is allocated or launched
+    # stride-0 views through the launchers' input check only: were the check missing, moice_attention would go on
+    # to allocate the 15 GB rotated copies
     B, H, T, D = 4, 32, 32_768, 128
     x = torch.zeros((), device=DEVICE).expand(B, H, T, D)
     freqs = moice_frequencies(PAPER_BASES, D, DEVICE)
     gates = torch.zeros((), device=DEVICE).expand(B, H, T, 7)                    # 4·32·7·32k·128 = 3.8e9 ≥ 2³¹
     with pytest.raises(ValueError, match="overflow 32-bit offsets"):
-        moice_attention(x, x, x, gates, freqs)
+        _check_moice_inputs(x, x, x, gates, freqs, 0.1, "half")
     _check_moice_inputs(x, x, x, gates[..., :3], freqs[:3], 0.1, "half")           # 3 experts: 1.6e9, they fit
     _check_moice_inputs(x[:, :, -1:], x, x, gates[:, :, -1:], freqs, 0.1, "half", decode=True)   # 64-bit: no limit
 
