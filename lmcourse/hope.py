@@ -8,13 +8,13 @@ Docs: https://lmcourse.github.io/lmcourse/hope.html.md"""
 __all__ = ['LAYOUTS', 'MAX_HEAD_DIM', 'GPU_CONFIGS', 'ENCODINGS', 'HOPE_ROPE_TYPE', 'TASKS', 'PASSKEY_VOCAB', 'COPY_VOCAB',
            'RECALL_VALUES', 'hope_kept_pairs', 'hope_frequencies', 'unseen_angle_pairs', 'apply_hope', 'decay_profile',
            'hope_rotary_simple_', 'launch_config', 'HopeRotaryFunction', 'HopeRotaryInplaceFunction', 'hope_rotary',
-           'hf_cos_sin', 'rotate_half_rotary', 'benchmark_hope', 'bandwidth_summary', 'HopePositions',
+           'hf_cos_sin', 'rotate_half_rotary', 'benchmark_hope', 'bandwidth_summary', 'HopePositions', 'kept_pairs_for',
            'positional_encoding', 'hope_rope_parameters', 'hope_rope_init', 'register_hope_rope',
            'hf_llama_from_engine', 'recall_keys', 'task_offsets', 'task_rows', 'HopeRunConfig', 'hope_run_config',
            'mixed_batches', 'text_loss_by_position', 'task_accuracy', 'attention_by_distance', 'evaluate_lengths',
            'train_encoding', 'hope_extrapolation_run']
 
-# %% ../nbs/02_hope.ipynb #bc66a8d9
+# %% ../nbs/02_hope.ipynb #bbc54acf
 import functools
 import math
 import time
@@ -30,7 +30,7 @@ import triton.language as tl
 from .model import ModelConfig, Transformer, rope_pairs
 from .testing import alloc_output, triton_interpreted
 
-# %% ../nbs/02_hope.ipynb #34f69351
+# %% ../nbs/02_hope.ipynb #428ddd62
 def hope_kept_pairs(head_dim: int, base: float, train_len: int, min_periods: float = 1.0) -> int:
     """Number r of rotated (high-frequency) pairs: pair i is kept iff θ_i · train_len > 2π · min_periods.
 
@@ -72,7 +72,7 @@ def unseen_angle_pairs(head_dim: int, base: float, train_len: int, test_len: int
     unseen = (arc[:, None] < 2 * math.pi) & (angles > arc[:, None])
     return int(unseen.any(1).sum())
 
-# %% ../nbs/02_hope.ipynb #587a5a0c
+# %% ../nbs/02_hope.ipynb #c70ed9ee
 LAYOUTS = ("half", "interleaved")
 
 def _check_positions(positions: torch.Tensor, B: int, T: int):
@@ -102,7 +102,7 @@ def apply_hope(x: torch.Tensor, positions: torch.Tensor, kept_pairs: int, base: 
     out[..., i2] = (x1 * sin + x2 * cos).to(x.dtype)
     return out
 
-# %% ../nbs/02_hope.ipynb #29f7d0fe
+# %% ../nbs/02_hope.ipynb #1def5ea6
 def decay_profile(head_dim: int, distances: torch.Tensor, kept_pairs: int | None = None,
                   base: float = 10_000.0) -> torch.Tensor:
     """s(Δ) = q_Δ · k_0 / head_dim for q = k = all ones, at integer `distances` [N] (float64 [N]).
@@ -112,7 +112,7 @@ def decay_profile(head_dim: int, distances: torch.Tensor, kept_pairs: int | None
     ones = torch.ones(1, 1, len(distances), head_dim, dtype=torch.float64)
     return apply_hope(ones, distances, kept, base).sum(-1)[0, 0] / head_dim
 
-# %% ../nbs/02_hope.ipynb #ee4dfb89
+# %% ../nbs/02_hope.ipynb #ffd744e8
 @triton.jit
 def _hope_rows_kernel(x,                  # [B·H·T, D] contiguous, rotated in place
                       cos, sin,           # [T, R] fp32: cos/sin of position·θ_i for the kept pairs
@@ -144,7 +144,7 @@ def hope_rotary_simple_(x: torch.Tensor, positions: torch.Tensor, kept_pairs: in
                                         BLOCK_R=triton.next_power_of_2(kept_pairs))
     return x
 
-# %% ../nbs/02_hope.ipynb #e53d2a68
+# %% ../nbs/02_hope.ipynb #8adb1c50
 @triton.jit
 def _rotate_heads(p_in, p_out, stride_h, stride_t, stride_oh, stride_ot, n_heads, o_t, o_1, o_2, m_tile, m_rot,
                   b_cos, b_sin):
@@ -200,7 +200,7 @@ def _hope_rotary_kernel(q, k, q_out, k_out,      # q [B, H, T, D], k [B, HKV, T,
     _rotate_heads(k + i_b64 * stride_kb, k_out + i_b64 * stride_kob, stride_kh, stride_kt, stride_koh, stride_kot, HKV,
                   o_t, o_1, o_2, m_tile, m_rot, b_cos, b_sin)
 
-# %% ../nbs/02_hope.ipynb #5af39901
+# %% ../nbs/02_hope.ipynb #3d8e5631
 MAX_HEAD_DIM = 256
 
 def launch_config(block_p: int) -> dict:
@@ -276,7 +276,7 @@ class HopeRotaryInplaceFunction(torch.autograd.Function):
         dx, _ = _rotate(dx, None, positions, ctx.kept, ctx.base, ctx.layout, inplace=False, backward=True)
         return dx, None, None, None, None
 
-# %% ../nbs/02_hope.ipynb #9dbf7c35
+# %% ../nbs/02_hope.ipynb #480d2325
 def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
     for name, t in (("q", q), ("k", k)):
         if not torch.is_tensor(t): raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -325,7 +325,7 @@ def hope_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kept_
                 HopeRotaryInplaceFunction.apply(k, positions, kept_pairs, float(base), layout))
     return _rotate(q, k, positions, kept_pairs, float(base), layout, inplace=True)   # no graph: one launch
 
-# %% ../nbs/02_hope.ipynb #5c914625
+# %% ../nbs/02_hope.ipynb #4ffe4412
 def hf_cos_sin(positions: torch.Tensor, head_dim: int, kept_pairs: int, base: float = 10_000.0,
                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "cos, sin [T, D] as HF Llama's rotary embedding builds them (θ duplicated over the two halves), for HoPE's θ."
@@ -399,7 +399,7 @@ def bandwidth_summary(result: dict, baseline: str = "copy") -> list[dict]:
     return [{x_name: r[x_name], "provider": r["provider"], "ms": r["ms"], "tbps": r["tbps"],
              f"of_{baseline}": r["tbps"] / base[r[x_name]] if r[x_name] in base else None} for r in rows]
 
-# %% ../nbs/02_hope.ipynb #0c3fdace
+# %% ../nbs/02_hope.ipynb #4a7488f6
 class HopePositions(nn.Module):
     """HoPE as the positional module of `lmcourse.model`: `forward(q, k, positions) -> (q, k)`.
 
@@ -426,14 +426,22 @@ class HopePositions(nn.Module):
 
 ENCODINGS = ("rope", "hope", "nope")
 
-def positional_encoding(kind: str, cfg: ModelConfig, train_len: int, min_periods: float = 1.0, **kwargs) -> HopePositions:
-    "'rope' (all pairs rotate), 'hope' (the cutoff rule at `train_len`) or 'nope' (none) for the model `cfg`."
+def kept_pairs_for(kind: str, head_dim: int, base: float, train_len: int, min_periods: float = 1.0) -> int:
+    "Rotated pairs of encoding `kind`: 'rope' all D/2, 'hope' the cutoff rule at `train_len`, 'nope' none."
     if kind not in ENCODINGS: raise ValueError(f"kind must be one of {ENCODINGS}, got {kind!r}")
-    kept = {"rope": cfg.head_dim // 2, "nope": 0}.get(kind) if kind != "hope" else \
-        hope_kept_pairs(cfg.head_dim, cfg.rope_base, train_len, min_periods)
-    return HopePositions(cfg.head_dim, kept, cfg.rope_base, cfg.rope_layout, **kwargs)
+    if kind == "hope": return hope_kept_pairs(head_dim, base, train_len, min_periods)
+    return head_dim // 2 if kind == "rope" else 0
 
-# %% ../nbs/02_hope.ipynb #0bc932d3
+def positional_encoding(kind: str, train_len: int, min_periods: float = 1.0, **kwargs):
+    """The `positional` factory `(cfg, layer) -> HopePositions` of `lmcourse.model.Transformer` for encoding `kind`
+    ('rope', 'hope' or 'nope'); `kwargs` go to `HopePositions` (backend, inplace)."""
+    if kind not in ENCODINGS: raise ValueError(f"kind must be one of {ENCODINGS}, got {kind!r}")
+    def build(cfg: ModelConfig, layer: int) -> HopePositions:
+        kept = kept_pairs_for(kind, cfg.head_dim, cfg.rope_base, train_len, min_periods)
+        return HopePositions(cfg.head_dim, kept, cfg.rope_base, cfg.rope_layout, **kwargs)
+    return build
+
+# %% ../nbs/02_hope.ipynb #fb1c62b6
 HOPE_ROPE_TYPE = "hope"
 
 def hope_rope_parameters(train_len: int | None = None, *, kept_pairs: int | None = None, base: float = 10_000.0,
@@ -486,7 +494,7 @@ def hf_llama_from_engine(model: Transformer, rope_parameters: dict | None = None
                          tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
                          rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": c.rope_base})
     hf = LlamaForCausalLM(hf_cfg)
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
+    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
     for i in range(c.n_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         names.update({theirs + f"self_attn.{p}.weight": ours + f"attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
@@ -500,7 +508,7 @@ def hf_llama_from_engine(model: Transformer, rope_parameters: dict | None = None
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
-# %% ../nbs/02_hope.ipynb #3f85c060
+# %% ../nbs/02_hope.ipynb #6a9e145c
 from .data import IGNORE_INDEX, Batch, ByteTokenizer, corpus_streams, make_task
 from .train import TrainConfig, by_profile, train
 
@@ -576,7 +584,7 @@ def mixed_batches(streams: dict, cfg: HopeRunConfig):
         return Batch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "segment_ids")))
     return get_batch
 
-# %% ../nbs/02_hope.ipynb #8cd2d67b
+# %% ../nbs/02_hope.ipynb #9ade9a48
 @torch.no_grad()
 def text_loss_by_position(model: Transformer, stream, n_rows: int, seq_len: int, train_len: int, seed: int = 0) -> dict:
     "Mean next-token loss over `n_rows` validation windows of `seq_len` tokens, per bucket [0, L), [L, 2L), [2L, 4L), …"
@@ -603,22 +611,17 @@ def task_accuracy(model: Transformer, name: str, n_rows: int, seq_len: int, max_
 @torch.no_grad()
 def attention_by_distance(model: Transformer, tokens: torch.Tensor, n_last: int = 16) -> torch.Tensor:
     """Causal attention weights of the last `n_last` queries of `tokens` [B, T] against distance, per layer:
-    [n_layers, T − n_last + 1], averaged over batch, heads and those queries (computed from the hooked q and k)."""
-    names = [f"blocks.{i}.attn.{h}" for i in range(len(model.blocks)) for h in ("hook_q", "hook_k")]
+    [n_layers, T − n_last + 1], averaged over batch, heads and those queries (from the engine's `hook_pattern`)."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(len(model.blocks))]
     _, acts = model.run_with_cache(tokens, names)
     T = tokens.shape[1]
     span = T - n_last + 1
+    query_pos = torch.arange(T - n_last, T, device=tokens.device)
+    key_pos = query_pos[:, None] - torch.arange(span, device=tokens.device)[None, :]      # the key at distance Δ
     out = []
-    for i in range(len(model.blocks)):
-        q, k = acts[f"blocks.{i}.attn.hook_q"].float(), acts[f"blocks.{i}.attn.hook_k"].float()
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        scores = q[:, :, -n_last:] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])     # [B, H, n_last, T]
-        query_pos = torch.arange(T - n_last, T, device=q.device)
-        keys = torch.arange(T, device=q.device)
-        w = torch.softmax(scores.masked_fill(keys[None, :] > query_pos[:, None], float("-inf")), -1)
-        dist = query_pos[:, None] - torch.arange(span, device=q.device)[None, :]        # key position at distance Δ
-        by_dist = torch.gather(w, -1, dist.expand(*w.shape[:2], n_last, span))          # [B, H, n_last, span]
-        out.append(by_dist.mean((0, 1, 2)).cpu())
+    for name in names:
+        w = acts[name][:, :, -n_last:].float()                                              # [B, H, n_last, T]
+        out.append(torch.gather(w, -1, key_pos.expand(*w.shape[:2], n_last, span)).mean((0, 1, 2)).cpu())
     return torch.stack(out)
 
 def evaluate_lengths(model: Transformer, streams: dict, cfg: HopeRunConfig, seed: int = 0) -> dict:
@@ -634,11 +637,11 @@ def evaluate_lengths(model: Transformer, streams: dict, cfg: HopeRunConfig, seed
                         "attention_by_distance": attention_by_distance(model, probe, n_last=min(16, L // 4)).tolist()}
     return out
 
-# %% ../nbs/02_hope.ipynb #2c059933
+# %% ../nbs/02_hope.ipynb #147f2752
 def train_encoding(kind: str, cfg: HopeRunConfig, streams: dict, seed: int = 0):
     "Train one model with positional encoding `kind` ('rope', 'hope', 'nope'); returns (model, History)."
     torch.manual_seed(seed)
-    model = Transformer(cfg.model, positional=positional_encoding(kind, cfg.model, cfg.train.seq_len))
+    model = Transformer(cfg.model, positional=positional_encoding(kind, cfg.train.seq_len))
     get_batch = mixed_batches(streams, cfg)
     probe = get_batch("train", torch.Generator().manual_seed(seed))
     _, loss = model(probe.inputs, probe.targets, segment_ids=probe.segment_ids)
@@ -665,7 +668,7 @@ def hope_extrapolation_run(cfg: HopeRunConfig | None = None, seeds: Sequence[int
                 continue
             t0 = time.perf_counter()
             model, history = train_encoding(kind, cfg, streams, seed)
-            runs.append({"encoding": kind, "seed": seed, "kept_pairs": model.positional.kept_pairs,
+            runs.append({"encoding": kind, "seed": seed, "kept_pairs": model.blocks[0].attn.positional.kept_pairs,
                          "history": history.to_dict(), "eval": evaluate_lengths(model, streams, cfg, seed)})
             arm_seconds = max(arm_seconds, time.perf_counter() - t0)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len

@@ -19,8 +19,8 @@ def models():
     register_hope_rope()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
-    rope = Transformer(cfg, positional=positional_encoding("rope", cfg, train_len=32)).eval()
-    hope = Transformer(cfg, positional=positional_encoding("hope", cfg, train_len=32)).eval()
+    rope = Transformer(cfg, positional=positional_encoding("rope", train_len=32)).eval()
+    hope = Transformer(cfg, positional=positional_encoding("hope", train_len=32)).eval()
     hope.load_state_dict(rope.state_dict())
     return cfg, rope, hope
 
@@ -65,7 +65,7 @@ def test_hf_hope_logits_equal_the_engine_model(models):
         assert_close(theirs, ours, 1e-5)
         assert (ours - rope(ids)[0]).abs().max() > 1e-3     # HoPE is not RoPE
         nope = hf_llama_from_engine(hope, hope_rope_parameters(kept_pairs=0))
-        nope_ours = Transformer(cfg, positional=positional_encoding("nope", cfg, 32)).eval()
+        nope_ours = Transformer(cfg, positional=positional_encoding("nope", 32)).eval()
         nope_ours.load_state_dict(hope.state_dict())
         assert_close(nope(ids).logits, nope_ours(ids)[0], 1e-5)
 
