@@ -1,5 +1,5 @@
 # lmcourse — the two commands of the README, and the steps they are made of.
-#   make course   set up, export, execute every chapter (smoke on CPU, full on a GPU), build the site
+#   make course   set up, export, execute every chapter (smoke on CPU, full on a GPU), build the site (_docs/ or _site/)
 #   make test     set up, check notebooks and package are in sync and clean, lint, run every test
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 JOBS ?= 2
 NBS := $(sort $(wildcard nbs/*.ipynb))
 
-.PHONY: course test env export sync-check lint pytest execute docs clean
+.PHONY: course test env export sync-check lint pytest execute docs site site-test clean
 
 env: $(VENV)/.installed
 
@@ -52,14 +52,22 @@ execute: export
 	done
 	$(VENV)/bin/nbdev-clean
 
-# The site: Quarto through nbdev-docs when quarto is installed; otherwise the processed notebooks (_proc/).
+# The site: Quarto through nbdev-docs when quarto is installed (the published site, _docs/); otherwise the offline
+# site, built from the same processed notebooks with nbconvert (scripts/build_site.py, _site/; open _site/index.html).
 docs: export
 	@if command -v quarto >/dev/null 2>&1; then $(VENV)/bin/nbdev-readme && $(VENV)/bin/nbdev-docs; echo "site built in _docs/"; \
-	else $(PY) scripts/proc_nbs.py; \
-		echo "Quarto is not installed, so the HTML site was not rendered. The processed notebooks are in _proc/."; \
-		echo "Install Quarto from https://quarto.org/docs/get-started/ (a binary download) and run 'make docs' again."; fi
+	else $(PY) scripts/build_site.py; \
+		echo "Quarto is not installed, so the published (Quarto) site was not rendered: the offline site above is in _site/."; \
+		echo "Open _site/index.html in a browser. For the Quarto site install it from https://quarto.org/docs/get-started/ and run 'make docs' again."; fi
+
+# The offline site alone (also when Quarto is installed), and the same site checked in headless Chromium.
+site: export
+	$(PY) scripts/build_site.py
+
+site-test: site
+	LMCOURSE_SITE_TEST=1 $(PY) -m pytest tests/test_site_browser.py -q -s -p no:cacheprovider
 
 course: env execute docs
 
 clean:
-	rm -rf _proc _docs .pytest_cache
+	rm -rf _proc _docs _site .pytest_cache
