@@ -14,7 +14,7 @@ __all__ = ['LAYOUTS', 'MAX_HEAD_DIM', 'GPU_CONFIGS', 'ENCODINGS', 'HOPE_ROPE_TYP
            'mixed_batches', 'text_loss_by_position', 'task_accuracy', 'attention_by_distance', 'evaluate_lengths',
            'train_encoding', 'hope_extrapolation_run']
 
-# %% ../nbs/02_hope.ipynb #bbc54acf
+# %% ../nbs/02_hope.ipynb #10bc8fbb
 import functools
 import math
 import time
@@ -30,7 +30,7 @@ import triton.language as tl
 from .model import ModelConfig, Transformer, rope_pairs
 from .testing import alloc_output, triton_interpreted
 
-# %% ../nbs/02_hope.ipynb #428ddd62
+# %% ../nbs/02_hope.ipynb #fb8657fb
 def hope_kept_pairs(head_dim: int, base: float, train_len: int, min_periods: float = 1.0) -> int:
     """Number r of rotated (high-frequency) pairs: pair i is kept iff θ_i · train_len > 2π · min_periods.
 
@@ -72,7 +72,7 @@ def unseen_angle_pairs(head_dim: int, base: float, train_len: int, test_len: int
     unseen = (arc[:, None] < 2 * math.pi) & (angles > arc[:, None])
     return int(unseen.any(1).sum())
 
-# %% ../nbs/02_hope.ipynb #c70ed9ee
+# %% ../nbs/02_hope.ipynb #409477f7
 LAYOUTS = ("half", "interleaved")
 
 def _check_positions(positions: torch.Tensor, B: int, T: int):
@@ -102,7 +102,7 @@ def apply_hope(x: torch.Tensor, positions: torch.Tensor, kept_pairs: int, base: 
     out[..., i2] = (x1 * sin + x2 * cos).to(x.dtype)
     return out
 
-# %% ../nbs/02_hope.ipynb #1def5ea6
+# %% ../nbs/02_hope.ipynb #e20d53b5
 def decay_profile(head_dim: int, distances: torch.Tensor, kept_pairs: int | None = None,
                   base: float = 10_000.0) -> torch.Tensor:
     """s(Δ) = q_Δ · k_0 / head_dim for q = k = all ones, at integer `distances` [N] (float64 [N]).
@@ -112,7 +112,7 @@ def decay_profile(head_dim: int, distances: torch.Tensor, kept_pairs: int | None
     ones = torch.ones(1, 1, len(distances), head_dim, dtype=torch.float64)
     return apply_hope(ones, distances, kept, base).sum(-1)[0, 0] / head_dim
 
-# %% ../nbs/02_hope.ipynb #ffd744e8
+# %% ../nbs/02_hope.ipynb #b57a0741
 @triton.jit
 def _hope_rows_kernel(x,                  # [B·H·T, D] contiguous, rotated in place
                       cos, sin,           # [T, R] fp32: cos/sin of position·θ_i for the kept pairs
@@ -144,7 +144,7 @@ def hope_rotary_simple_(x: torch.Tensor, positions: torch.Tensor, kept_pairs: in
                                         BLOCK_R=triton.next_power_of_2(kept_pairs))
     return x
 
-# %% ../nbs/02_hope.ipynb #8adb1c50
+# %% ../nbs/02_hope.ipynb #efbadc01
 @triton.jit
 def _rotate_heads(p_in, p_out, stride_h, stride_t, stride_oh, stride_ot, n_heads, o_t, o_1, o_2, m_tile, m_rot,
                   b_cos, b_sin):
@@ -200,7 +200,7 @@ def _hope_rotary_kernel(q, k, q_out, k_out,      # q [B, H, T, D], k [B, HKV, T,
     _rotate_heads(k + i_b64 * stride_kb, k_out + i_b64 * stride_kob, stride_kh, stride_kt, stride_koh, stride_kot, HKV,
                   o_t, o_1, o_2, m_tile, m_rot, b_cos, b_sin)
 
-# %% ../nbs/02_hope.ipynb #3d8e5631
+# %% ../nbs/02_hope.ipynb #02e3f633
 MAX_HEAD_DIM = 256
 
 def launch_config(block_p: int) -> dict:
@@ -276,7 +276,7 @@ class HopeRotaryInplaceFunction(torch.autograd.Function):
         dx, _ = _rotate(dx, None, positions, ctx.kept, ctx.base, ctx.layout, inplace=False, backward=True)
         return dx, None, None, None, None
 
-# %% ../nbs/02_hope.ipynb #480d2325
+# %% ../nbs/02_hope.ipynb #5e55d333
 def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
     for name, t in (("q", q), ("k", k)):
         if not torch.is_tensor(t): raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -325,7 +325,7 @@ def hope_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kept_
                 HopeRotaryInplaceFunction.apply(k, positions, kept_pairs, float(base), layout))
     return _rotate(q, k, positions, kept_pairs, float(base), layout, inplace=True)   # no graph: one launch
 
-# %% ../nbs/02_hope.ipynb #4ffe4412
+# %% ../nbs/02_hope.ipynb #45afda17
 def hf_cos_sin(positions: torch.Tensor, head_dim: int, kept_pairs: int, base: float = 10_000.0,
                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "cos, sin [T, D] as HF Llama's rotary embedding builds them (θ duplicated over the two halves), for HoPE's θ."
@@ -341,7 +341,7 @@ def rotate_half_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 def benchmark_hope(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192), shapes: Sequence[tuple[int, int]] = ((12, 64), (32, 128)),
-                   batch: int = 16, dtype=torch.bfloat16) -> dict:
+                   batch: int = 16, dtype=torch.bfloat16, device: str = "cuda") -> dict:
     "GPU sweep: {'forward_H12_D64': result, 'fwd_bwd_H12_D64': ..., ...} in `lmcourse.bench.run_sweep`'s format."
     from lmcourse.bench import run_sweep
     results = {}
@@ -351,8 +351,8 @@ def benchmark_hope(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192), shapes: S
         size = lambda T: batch * 2 * H * T * D * torch.finfo(dtype).bits // 8           # bytes of q plus k
 
         def inputs(T, grad=False):
-            q, k = (torch.randn(batch, H, T, D, device="cuda", dtype=dtype, requires_grad=grad) for _ in range(2))
-            pos = torch.arange(T, device="cuda")
+            q, k = (torch.randn(batch, H, T, D, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
+            pos = torch.arange(T, device=device)
             return q, k, pos, (*hf_cos_sin(pos, D, kept(T), dtype=dtype),)
 
         def forward(name):
@@ -399,14 +399,15 @@ def bandwidth_summary(result: dict, baseline: str = "copy") -> list[dict]:
     return [{x_name: r[x_name], "provider": r["provider"], "ms": r["ms"], "tbps": r["tbps"],
              f"of_{baseline}": r["tbps"] / base[r[x_name]] if r[x_name] in base else None} for r in rows]
 
-# %% ../nbs/02_hope.ipynb #4a7488f6
+# %% ../nbs/02_hope.ipynb #7dbd7cee
 class HopePositions(nn.Module):
     """HoPE as the positional module of `lmcourse.model`: `forward(q, k, positions) -> (q, k)`.
 
     `kept_pairs = head_dim // 2` is RoPE, `0` is NoPE. backend: 'auto' (the kernel on CUDA, the reference on
-    CPU), 'triton' or 'reference'; `inplace` lets the kernel rotate q and k where they lie."""
+    CPU), 'triton' or 'reference'; `inplace=True` lets the kernel rotate q and k where they lie (only when nothing
+    else holds the pre-rotary tensors: a `hook_q_pre` recording would be rotated too)."""
     def __init__(self, head_dim: int, kept_pairs: int, base: float = 10_000.0, layout: str = "half",
-                 backend: str = "auto", inplace: bool = True):
+                 backend: str = "auto", inplace: bool = False):
         super().__init__()
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
@@ -441,7 +442,7 @@ def positional_encoding(kind: str, train_len: int, min_periods: float = 1.0, **k
         return HopePositions(cfg.head_dim, kept, cfg.rope_base, cfg.rope_layout, **kwargs)
     return build
 
-# %% ../nbs/02_hope.ipynb #fb1c62b6
+# %% ../nbs/02_hope.ipynb #432528d2
 HOPE_ROPE_TYPE = "hope"
 
 def hope_rope_parameters(train_len: int | None = None, *, kept_pairs: int | None = None, base: float = 10_000.0,
@@ -508,7 +509,7 @@ def hf_llama_from_engine(model: Transformer, rope_parameters: dict | None = None
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
-# %% ../nbs/02_hope.ipynb #6a9e145c
+# %% ../nbs/02_hope.ipynb #ec127f64
 from .data import IGNORE_INDEX, Batch, ByteTokenizer, corpus_streams, make_task
 from .train import TrainConfig, by_profile, train
 
@@ -584,7 +585,7 @@ def mixed_batches(streams: dict, cfg: HopeRunConfig):
         return Batch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "segment_ids")))
     return get_batch
 
-# %% ../nbs/02_hope.ipynb #9ade9a48
+# %% ../nbs/02_hope.ipynb #87da4fb0
 @torch.no_grad()
 def text_loss_by_position(model: Transformer, stream, n_rows: int, seq_len: int, train_len: int, seed: int = 0) -> dict:
     "Mean next-token loss over `n_rows` validation windows of `seq_len` tokens, per bucket [0, L), [L, 2L), [2L, 4L), …"
@@ -637,7 +638,7 @@ def evaluate_lengths(model: Transformer, streams: dict, cfg: HopeRunConfig, seed
                         "attention_by_distance": attention_by_distance(model, probe, n_last=min(16, L // 4)).tolist()}
     return out
 
-# %% ../nbs/02_hope.ipynb #147f2752
+# %% ../nbs/02_hope.ipynb #67e39f1c
 def train_encoding(kind: str, cfg: HopeRunConfig, streams: dict, seed: int = 0):
     "Train one model with positional encoding `kind` ('rope', 'hope', 'nope'); returns (model, History)."
     torch.manual_seed(seed)

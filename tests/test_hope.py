@@ -387,3 +387,44 @@ def test_smoke_run_pipeline():
     json.dumps(result)                                               # stored as JSON by the GPU script
     budget = hope_extrapolation_run(cfg, seeds=(0, 1), encodings=("nope",), time_budget_s=0.0)
     assert len(budget["runs"]) == 1 and budget["skipped"] == [{"encoding": "nope", "seed": 1}]
+
+
+def test_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    "Every provider of the GPU sweep, run once on the CPU (the timing itself needs a GPU): the code paths, not the numbers."
+    import lmcourse.bench
+    from lmcourse.hope import bandwidth_summary, benchmark_hope
+
+    def one_call_sweep(providers, xs, *, flops=None, bytes_moved=None, x_name="x"):
+        rows = []
+        for x in xs:
+            for name, make in providers.items():
+                made = make(x)
+                fn = made[0] if isinstance(made, tuple) else made
+                fn()
+                rows.append({x_name: x, "provider": name, "ms": 1.0, "tbps": bytes_moved(x) / 1e9})
+        return {"x_name": x_name, "rows": rows}
+
+    monkeypatch.setattr(lmcourse.bench, "run_sweep", one_call_sweep)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)                # no C++ toolchain needed for the check
+    result = benchmark_hope(seq_lens=(16, 40), shapes=((2, 16),), batch=2, dtype=torch.float32, device=DEVICE.type)
+    assert sorted(result) == ["forward_H2_D16", "fwd_bwd_H2_D16"]
+    fwd = result["forward_H2_D16"]
+    assert {r["provider"] for r in fwd["rows"]} == {"triton", "triton in-place", "eager", "compile", "copy"}
+    assert {r["provider"] for r in result["fwd_bwd_H2_D16"]["rows"]} == {"triton", "triton in-place", "eager", "compile"}
+    summary = bandwidth_summary(fwd)
+    assert all(r["of_copy"] == pytest.approx(1.0) for r in summary if r["provider"] in ("triton", "eager", "copy"))
+    inplace = [r for r in summary if r["provider"] == "triton in-place"]
+    kept = fwd["kept_pairs"]
+    assert [r["of_copy"] for r in inplace] == pytest.approx([2 * kept[T] / 16 for T in (16, 40)])
+
+
+def test_eager_baseline_is_hope():
+    "The benchmark's eager rotate-half baseline, with HoPE's cos/sin tables, computes HoPE."
+    from lmcourse.hope import hf_cos_sin, rotate_half_rotary
+    g = torch.Generator().manual_seed(fresh_seed())
+    q, k = torch.randn(2, 3, 29, 32, generator=g), torch.randn(2, 1, 29, 32, generator=g)
+    pos = torch.arange(29) + 300
+    cos, sin = hf_cos_sin(pos, 32, 6)
+    q_rot, k_rot = rotate_half_rotary(q, k, cos, sin)
+    assert_close(q_rot, apply_hope(q.double(), pos, 6), 1e-6)
+    assert_close(k_rot, apply_hope(k.double(), pos, 6), 1e-6)
