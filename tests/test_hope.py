@@ -428,3 +428,15 @@ def test_eager_baseline_is_hope():
     q_rot, k_rot = rotate_half_rotary(q, k, cos, sin)
     assert_close(q_rot, apply_hope(q.double(), pos, 6), 1e-6)
     assert_close(k_rot, apply_hope(k.double(), pos, 6), 1e-6)
+
+
+def test_retrieval_experiment_holds_for_a_fresh_seed():
+    "Experiment 1 of the chapter with a seed nobody chose: HoPE extrapolates both tasks, RoPE does not, NoPE has no offset."
+    from lmcourse.hope import ENCODINGS, RETRIEVAL_TASKS, retrieval_accuracy, train_retrieval
+    seed = fresh_seed()
+    heads = {(task, kind): train_retrieval(kind, task, seed=seed) for task in RETRIEVAL_TASKS for kind in ENCODINGS}
+    a = {(t, k, f): retrieval_accuracy(h, t, 32 * f, 32, seed=seed + 1) for (t, k), h in heads.items() for f in (1, 4)}
+    assert all(a[t, k, 1] >= 0.95 for t, k in heads if (t, k) != ("offset", "nope")), (seed, a)
+    assert a["offset", "nope", 1] < 0.2, (seed, a)
+    assert a["match", "hope", 4] >= 0.95 and a["match", "nope", 4] >= 0.95 and a["match", "rope", 4] <= 0.9, (seed, a)
+    assert a["offset", "hope", 4] >= 0.8 and a["offset", "rope", 4] <= 0.1, (seed, a)
