@@ -511,7 +511,7 @@ def hf_llama_from_engine(model: Transformer, rope_parameters: dict | None = None
     return hf.eval()
 
 # %% ../nbs/02_hope.ipynb #9e7670c4
-from .data import IGNORE_INDEX, Batch, ByteTokenizer, corpus_streams, make_task
+from .data import IGNORE_INDEX, Batch, ByteTokenizer, corpus_info, corpus_streams, make_task
 from .train import TrainConfig, by_profile, train
 
 class RetrievalHead(nn.Module):
@@ -587,8 +587,10 @@ def task_rows(name: str, n: int, seq_len: int, max_len: int, seed: int) -> Batch
     elif name == "associative_recall":
         b = make_task("associative_recall", n, seed=seed, n_pairs=recall_keys(seq_len), n_keys=recall_keys(max_len),
                       n_values=RECALL_VALUES)
-    elif name == "copy":
-        b = make_task("copy", n, seed=seed, length=(seq_len - 1) // 2, vocab_size=COPY_VOCAB)
+    elif name == "copy":                      # random prefix P ≤ seq_len/8, then a string of [length/2, length] tokens
+        prefix = seq_len // 8
+        length = (seq_len - 2 - prefix) // 2
+        b = make_task("copy", n, seed=seed, length=length, min_length=length // 2, max_prefix=prefix, vocab_size=COPY_VOCAB)
     else:
         raise ValueError(f"unknown task {name!r}; tasks: {TASKS}")
     ids = task_offsets(max_len)
@@ -709,7 +711,8 @@ def hope_extrapolation_run(cfg: HopeRunConfig | None = None, seeds: Sequence[int
     cfg = cfg or hope_run_config()
     start = time.perf_counter()
     tok = ByteTokenizer()
-    streams = corpus_streams(tok, cfg.text_bytes, max(cfg.text_bytes // 20, 200_000))
+    val_bytes = max(cfg.text_bytes // 20, 200_000)
+    streams = corpus_streams(tok, cfg.text_bytes, val_bytes)
     runs, skipped, arm_seconds = [], [], 0.0
     for seed in seeds:
         for kind in encodings:
@@ -724,6 +727,6 @@ def hope_extrapolation_run(cfg: HopeRunConfig | None = None, seeds: Sequence[int
             arm_seconds = max(arm_seconds, time.perf_counter() - t0)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     return {"runs": runs, "skipped": skipped, "model": cfg.model.__dict__, "train": cfg.train.__dict__,
-            "train_len": cfg.train.seq_len, "factors": list(cfg.factors), "text_bytes": cfg.text_bytes,
+            "train_len": cfg.train.seq_len, "factors": list(cfg.factors), "corpus": corpus_info("stdlib", cfg.text_bytes, val_bytes),
             "tokens_per_run": tokens, "text_epochs": tokens * (1 - cfg.task_fraction) / len(streams["train"]),
             "seconds": time.perf_counter() - start}
