@@ -135,6 +135,8 @@ def _hope_rows_kernel(x,                  # [B·H·T, D] contiguous, rotated in 
 def hope_rotary_simple_(x: torch.Tensor, positions: torch.Tensor, kept_pairs: int, base: float = 10_000.0) -> torch.Tensor:
     """The short kernel: HoPE in place on one contiguous x [B, H, T, D] (layout 'half') at positions [T]; returns x."""
     if x.dim() != 4 or not x.is_contiguous(): raise ValueError("hope_rotary_simple_ takes one contiguous [B, H, T, D] tensor")
+    if x.device.type == "cpu" and (not triton_interpreted() or x.dtype == torch.bfloat16):
+        raise ValueError("on CPU the kernel needs the Triton interpreter (import lmcourse first) and float32/float16")
     B, H, T, D = x.shape
     if positions.shape != (T,): raise ValueError(f"positions must have shape [T]={[T]}, got {list(positions.shape)}")
     theta = hope_frequencies(D, kept_pairs, base, x.device)[:kept_pairs]
@@ -285,6 +287,7 @@ def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must agree in batch, tokens and head_dim")
     B, _, T, D = q.shape
+    _check_positions(positions, B, T)
     if q.device != k.device or positions.device != q.device:
         raise ValueError(f"q, k and positions must be on one device; got {q.device}, {k.device}, {positions.device}")
     if q.device.type not in ("cuda", "cpu"):
@@ -301,7 +304,6 @@ def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
     if isinstance(kept_pairs, bool) or not isinstance(kept_pairs, int) or not 0 <= kept_pairs <= D // 2:
         raise ValueError(f"kept_pairs must be an integer in [0, head_dim/2 = {D // 2}], got {kept_pairs!r}")
     if layout not in LAYOUTS: raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    _check_positions(positions, B, T)
     if inplace:
         if q.stride(-1) != 1 or k.stride(-1) != 1:
             raise ValueError("in place needs q and k with unit stride in head_dim; use inplace=False")

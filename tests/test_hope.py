@@ -250,6 +250,8 @@ def test_bad_inputs_raise_clear_errors():
         hope_rotary(q[0], k, p, 4)
     with pytest.raises(TypeError, match="integer tensor"):
         hope_rotary(q, k, p.float(), 4)
+    with pytest.raises(TypeError, match="integer tensor"):
+        hope_rotary(q, k, list(range(8)), 4)
     with pytest.raises(ValueError, match="positions must have shape"):
         hope_rotary(q, k, p[:5], 4)
     with pytest.raises(ValueError, match="positions must have shape"):
