@@ -600,7 +600,7 @@ def task_rows(name: str, n: int, seq_len: int, max_len: int, seed: int) -> Batch
     if pad < 0: raise ValueError(f"{name} rows of {b.inputs.shape[1]} tokens do not fit seq_len={seq_len}")
     inputs = F.pad(b.inputs + ids[name], (0, pad), value=ids["pad"])
     targets = F.pad(torch.where(b.targets == IGNORE_INDEX, IGNORE_INDEX, b.targets + ids[name]), (0, pad), value=IGNORE_INDEX)
-    return Batch(inputs, targets, torch.zeros_like(inputs))
+    return Batch(inputs, targets)
 
 @dataclass
 class HopeRunConfig:
@@ -636,7 +636,7 @@ def mixed_batches(streams: dict, cfg: HopeRunConfig):
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         tasks = [task_rows(TASKS[i % len(TASKS)], 1, L, cfg.max_len, seed + i) for i in range(n_task)]
         parts = [text] + tasks
-        return Batch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "segment_ids")))
+        return Batch(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))   # plain causal rows
     return get_batch
 
 # %% ../nbs/02_hope.ipynb #87da4fb0
@@ -645,7 +645,7 @@ def text_loss_by_position(model: Transformer, stream, n_rows: int, seq_len: int,
     "Mean next-token loss over `n_rows` validation windows of `seq_len` tokens, per bucket [0, L), [L, 2L), [2L, 4L), …"
     device = next(model.parameters()).device
     batch = stream.batch(n_rows, seq_len, torch.Generator().manual_seed(seed)).to(device)
-    logits, _ = model(batch.inputs, segment_ids=batch.segment_ids)
+    logits, _ = model(batch.inputs)
     loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
     valid = batch.targets != IGNORE_INDEX
     edges = [0] + [train_len * 2 ** i for i in range(int(math.log2(seq_len // train_len)) + 1)]
@@ -699,7 +699,7 @@ def train_encoding(kind: str, cfg: HopeRunConfig, streams: dict, seed: int = 0):
     model = Transformer(cfg.model, positional=positional_encoding(kind, cfg.train.seq_len))
     get_batch = mixed_batches(streams, cfg)
     probe = get_batch("train", torch.Generator().manual_seed(seed))
-    _, loss = model(probe.inputs, probe.targets, segment_ids=probe.segment_ids)
+    _, loss = model(probe.inputs, probe.targets)
     loss.backward()
     silent = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     if silent: raise RuntimeError(f"{kind}: no gradient reaches {silent}")
