@@ -12,8 +12,8 @@ __all__ = ['LAYOUTS', 'MAX_HEAD_DIM', 'GPU_CONFIGS', 'ENCODINGS', 'HOPE_ROPE_TYP
            'kept_pairs_for', 'positional_encoding', 'hope_rope_parameters', 'hope_rope_init', 'register_hope_rope',
            'hf_llama_from_engine', 'RetrievalHead', 'retrieval_task', 'train_retrieval', 'retrieval_accuracy',
            'recall_keys', 'task_offsets', 'task_rows', 'HopeRunConfig', 'hope_run_config', 'mixed_batches',
-           'text_loss_by_position', 'task_accuracy', 'attention_by_distance', 'evaluate_lengths', 'train_encoding',
-           'hope_extrapolation_run']
+           'text_loss_by_position', 'task_accuracy', 'attention_by_distance', 'evaluate_lengths',
+           'extrapolation_callback', 'train_encoding', 'hope_extrapolation_run']
 
 # %% ../nbs/02_hope.ipynb #10bc8fbb
 import functools
@@ -514,7 +514,7 @@ def hf_llama_from_engine(model: Transformer, rope_parameters: dict | None = None
 
 # %% ../nbs/02_hope.ipynb #9e7670c4
 from .data import IGNORE_INDEX, Batch, ByteTokenizer, corpus_info, corpus_streams, make_task
-from .train import TrainConfig, by_profile, train
+from .train import Callback, TrainConfig, by_profile, train
 
 class RetrievalHead(nn.Module):
     "One attention head over tokens x [n, T]: the last query's logits over the T − 1 earlier keys, [n, T − 1]."
@@ -693,6 +693,18 @@ def evaluate_lengths(model: Transformer, streams: dict, cfg: HopeRunConfig, seed
     return out
 
 # %% ../nbs/02_hope.ipynb #67e39f1c
+def extrapolation_callback(streams: dict, cfg: HopeRunConfig, every: int, rows: int = 16) -> Callback:
+    "Every `every` steps: the text loss past L and the passkey accuracy, both at 2L tokens (logged in the History)."
+    L = cfg.train.seq_len
+    def probe(step, model, history):
+        was_training = model.training
+        model.eval()
+        out = {"val_loss_beyond_L_at_2L": text_loss_by_position(model, streams["val"], rows, 2 * L, L)[f"{L}-{2 * L}"],
+               "passkey_at_2L": task_accuracy(model, "passkey", rows, 2 * L, cfg.max_len)["token_accuracy"]}
+        model.train(was_training)
+        return out
+    return Callback(every, probe)
+
 def train_encoding(kind: str, cfg: HopeRunConfig, streams: dict, seed: int = 0):
     "Train one model with positional encoding `kind` ('rope', 'hope', 'nope'); returns (model, History)."
     torch.manual_seed(seed)
@@ -704,7 +716,9 @@ def train_encoding(kind: str, cfg: HopeRunConfig, streams: dict, seed: int = 0):
     silent = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     if silent: raise RuntimeError(f"{kind}: no gradient reaches {silent}")
     model.zero_grad(set_to_none=True)
-    history = train(model, get_batch, TrainConfig(**{**cfg.train.__dict__, "seed": seed}))
+    epoch = int(len(streams["train"]) / (1 - cfg.task_fraction))      # trained tokens per pass over the text
+    history = train(model, get_batch, TrainConfig(**{**cfg.train.__dict__, "seed": seed}), epoch_tokens=epoch,
+                    callbacks=[extrapolation_callback(streams, cfg, cfg.train.eval_every)])
     return model, history
 
 def hope_extrapolation_run(cfg: HopeRunConfig | None = None, seeds: Sequence[int] = (0,),
@@ -730,5 +744,5 @@ def hope_extrapolation_run(cfg: HopeRunConfig | None = None, seeds: Sequence[int
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     return {"runs": runs, "skipped": skipped, "model": cfg.model.__dict__, "train": cfg.train.__dict__,
             "train_len": cfg.train.seq_len, "factors": list(cfg.factors), "corpus": corpus_info("stdlib", cfg.text_bytes, val_bytes),
-            "tokens_per_run": tokens, "text_epochs": tokens * (1 - cfg.task_fraction) / len(streams["train"]),
+            "tokens_per_run": tokens, "text_epochs": runs[0]["history"]["epochs"] if runs else None,
             "seconds": time.perf_counter() - start}

@@ -380,6 +380,8 @@ def test_smoke_run_pipeline():
     assert [r["encoding"] for r in result["runs"]] == ["rope", "hope"]
     for run in result["runs"]:
         assert run["history"]["val_loss"][-1] < run["history"]["val_loss"][0]
+        probes = run["history"]["metrics"]
+        assert len(probes["passkey_at_2L"]) == len(run["history"]["val_steps"]) and run["history"]["epochs"] > 0
         for f in result["factors"]:
             ev = run["eval"][f"{f}x"]
             assert all(math.isfinite(v) for v in ev["text_loss"].values()) and len(ev["text_loss"]) == int(math.log2(f)) + 1
