@@ -548,10 +548,11 @@ def retrieval_task(task: str, n: int, seq_len: int, *, vocab_size: int = 512, mi
 def _pointer_loss(model, batch: Batch):
     return F.cross_entropy(model(batch.inputs), batch.targets), {}
 
-def train_retrieval(kind: str, task: str, *, train_len: int = 32, head_dim: int = 32, steps: int = 300, seed: int = 0):
+def train_retrieval(kind: str, task: str, *, train_len: int = 32, head_dim: int = 32, steps: int = 300, seed: int = 0,
+                    min_periods: float = 1.0):
     "Train a `RetrievalHead` with encoding `kind` on `task` at `train_len` tokens (CPU, about a second)."
     torch.manual_seed(seed)
-    model = RetrievalHead(512, head_dim, kept_pairs_for(kind, head_dim, 10_000.0, train_len))
+    model = RetrievalHead(512, head_dim, kept_pairs_for(kind, head_dim, 10_000.0, train_len, min_periods))
     cfg = TrainConfig(steps=steps, batch_size=64, seq_len=train_len, lr=1e-2, warmup_steps=10, weight_decay=0.0,
                       eval_every=steps, eval_batches=1, seed=seed, progress=False)
     train(model, lambda split, g: retrieval_task(task, 64, train_len, generator=g), cfg, loss_fn=_pointer_loss, device="cpu")
