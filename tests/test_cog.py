@@ -91,16 +91,19 @@ def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros
         [q, k, v], seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_kernel_matches_reference(case):
     _check(**case)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 def test_kernel_dtypes(dtype):
     _check(B=1, H=2, Hkv=1, Tq=47, Tk=47, D=32, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_kernel_zero_logit_gradients_are_zero():
     (q, k, v), _ = random_tensors([(1, 1, 20, 16)] * 3, device=DEVICE)
     q[:, :, 4] = 0
@@ -111,6 +114,7 @@ def test_kernel_zero_logit_gradients_are_zero():
     assert q.grad[0, 0, 4].abs().max() == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_softmax_mode_matches_sdpa(causal):
     (q, k, v), seed = random_tensors([(2, 4, 53, 32)] * 3, device=DEVICE)
@@ -118,6 +122,7 @@ def test_softmax_mode_matches_sdpa(causal):
                  seed=seed)
 
 
+@pytest.mark.gpu
 def test_non_contiguous_inputs():
     (x,), seed = random_tensors([(2, 40, 3, 16)], device=DEVICE)      # [B, T, H, D] viewed as [B, H, T, D]
     q = k = v = x.transpose(1, 2)

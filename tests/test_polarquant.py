@@ -114,6 +114,7 @@ def test_smoke_polar_beats_per_token_int4():
 
 # -- Triton kernels --------------------------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 5)])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
@@ -128,6 +129,7 @@ def test_quantize_kernel_matches_reference(layout, bits, dtype):
         assert max(polar_max_step_error(keys, actual)) <= 0.5 + 1e-4
 
 
+@pytest.mark.gpu
 def test_quantize_kernel_strided_keys():
     keys = _keys(1, 4, 32, 32, fresh_seed())[:, ::2]                       # non-contiguous head stride
     compare_polar_keys(polar_quantize_triton(keys, 4, 4, 16), polar_quantize(keys, 4, 4, 16))
@@ -135,6 +137,7 @@ def test_quantize_kernel_strided_keys():
 
 @pytest.mark.parametrize("B,H,Hq,L,D,splits", [(1, 1, 1, 37, 32, None), (2, 2, 8, 50, 32, 3),
                                                 (2, 1, 4, 16, 64, 1), (1, 2, 2, 101, 32, 8)])
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
     (q, k, v), seed = random_tensors([(B, Hq, 1, D), (B, H, L, D), (B, H, L, D)], dtype=dtype)
@@ -149,6 +152,7 @@ def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
     (2, 1, 4, 1, 31, 32, 1),          # a long tail
     (1, 2, 2, 4, 1, 16, 7),           # more chunks than blocks: empty chunks
 ])
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, layout):
     seed = fresh_seed()
@@ -161,6 +165,7 @@ def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, spli
     assert_close(out, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
 
 
+@pytest.mark.gpu
 def test_polar_decode_kernel_fp16_and_3bit():
     seed = fresh_seed()
     keys = _keys(1, 2, 40, 32, seed).half()
