@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer
-from .testing import CompileCase, alloc_output, use_gpu_tiles
+from .testing import CompileCase, KnownFailure, alloc_output, use_gpu_tiles
 
 # %% ../nbs/05_aoe.ipynb #f2b5b805
 def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
@@ -520,11 +520,38 @@ def compile_cases() -> list[CompileCase]:
         y = grouped_swiglu(z, x, w_up, w_p, w_o, sort.tokens * n + sort.experts, sort.tokens, sort.offsets)
         y.backward(torch.empty_like(y))
 
+    def known(label, dtype):
+        name = str(dtype).removeprefix("torch.")
+        return [KnownFailure(12, f"spills registers at the GPU block sizes ({spill})", kernel, where, targets, tritons)
+                for dtypes, case, kernel, where, targets, tritons, spill in _KNOWN_COMPILE_FAILURES
+                if case == label and name in dtypes]
+
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype)) for name, s in BENCH_SHAPES.items()]
-        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype)))
+        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype), known(f"gate {name}", dtype))
+                  for name, s in BENCH_SHAPES.items()]
+        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype),
+                                 known("experts fine-grained", dtype)))
     return cases
+
+# What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80): the compiles that spill today. Issue 12 retunes
+# the kernels; a fix that leaves its entry here fails the test (strict xfail), so delete the entry with the fix.
+# (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
+_BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
+_KNOWN_COMPILE_FAILURES = [
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.9",), "32 B"),
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.6",), "16-104 B"),
+    (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
+    (_ALL, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
+    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
+     ("3.9", "3.6"), "568-1328 B"),
+    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": False, "stride_wk": 1}, ("sm_90", "sm_80"),
+     ("3.9", "3.6"), "88-1272 B"),
+    (("float32",), "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": False, "stride_wn": 1}, ("sm_80",),
+     ("3.9",), "16 B"),
+]
 
 # %% ../nbs/05_aoe.ipynb #e8f032b8
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -444,8 +444,49 @@ def compile_cases() -> list[CompileCase]:
         seg = torch.zeros(1, 256, dtype=torch.int32) if segments else None
         o = cog_attention(q, k, v, True, None, signed, segment_ids=seg)
         o.backward(torch.empty_like(o))
-    return [CompileCase(f"hd{D}", dtype, lambda D=D, dtype=dtype: launch(D, dtype))
-            for dtype in (torch.bfloat16, torch.float16, torch.float32) for D in (64, 128)]
+    def known(label, dtype):
+        name = str(dtype).removeprefix("torch.")
+        return [KnownFailure(11, reason, kernel, where, targets, tritons)
+                for dtypes, case, kernel, where, targets, tritons, reason in _KNOWN_COMPILE_FAILURES
+                if case == label and name in dtypes]
+
+    bf16 = [CompileCase(f"hd{D}", torch.bfloat16, lambda D=D: launch(D, torch.bfloat16), known(f"hd{D}", torch.bfloat16))
+            for D in (64, 128)]
+    other = [CompileCase("hd128", dtype, lambda dtype=dtype: launch(128, dtype), known("hd128", dtype), configs=(0,))
+             for dtype in (torch.float16, torch.float32)]
+    return bf16 + other
+
+# What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80) at the autotune configs above: the launches
+# that spill or put bf16 dots on mma.sync today. Issue 11 retunes or prunes the configs; a fix that leaves its entry
+# here fails the test (strict xfail), so delete the entry with the fix.
+# (dtypes, case, kernel, the config, targets, Triton versions, what fails)
+_BF16, _FP16_FP32, _BOTH, _TRITONS = ("bfloat16",), ("float16", "float32"), ("sm_90", "sm_80"), ("3.9", "3.6")
+_KNOWN_COMPILE_FAILURES = [
+    (_BF16, "hd64", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 88-384 B; dots on mma.sync"),
+    (_BF16, "hd64", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, _BOTH, _TRITONS, "spills 8 B; dots on mma.sync"),
+    (_BF16, "hd64", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, _BOTH, _TRITONS, "spills 8-240 B"),
+    (_BF16, "hd64", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, ('sm_90',), ('3.9',), "spills 56 B"),
+    (_BF16, "hd64", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, ('sm_90',), _TRITONS, "dots on mma.sync"),
+    (_BF16, "hd64", "_cog_fwd_kernel", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, ('sm_90',), ('3.9',), "spills 24 B"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 272-440 B"),
+    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 904-1272 B; dots on mma.sync"),
+    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 56-160 B"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, ('sm_80',), ('3.9',), "spills 16 B"),
+    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, _BOTH, _TRITONS, "spills 40-360 B; dots on mma.sync"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 32 B"),
+    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, _BOTH, _TRITONS, "spills 384-1240 B"),
+    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 16-32 B"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, _BOTH, ('3.9',), "spills 8-16 B"),
+    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 88-488 B"),
+    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, ('sm_80',), ('3.9',), "spills 8 B"),
+    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, ('sm_90',), ('3.6',), "spills 40 B"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}, ('sm_90',), ('3.9',), "spills 16 B"),
+    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, _BOTH, _TRITONS, "spills 32-152 B; dots on mma.sync"),
+    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 48-56 B"),
+    (_FP16_FP32, "hd128", "_cog_fwd_kernel", {}, _BOTH, _TRITONS, "spills 272-912 B"),
+    (_FP16_FP32, "hd128", "_cog_bwd_dkdv_kernel", {}, _BOTH, _TRITONS, "spills 904-2224 B"),
+    (_FP16_FP32, "hd128", "_cog_bwd_dq_kernel", {}, _BOTH, _TRITONS, "spills 56-696 B"),
+]
 
 # %% ../nbs/03_cog.ipynb #3a81b370
 def flex_cog_attention(q, k, v, causal: bool = True, scale: float | None = None):

@@ -626,15 +626,20 @@ def compile_cases() -> list[CompileCase]:
         pk = PolarKeys(codes, *params, *bits, "half")
         polar_decode_attention(q, pk, tail, torch.empty(1, 8, 32768 + 64, 128, dtype=dtype))
 
+    # Measured with Triton 3.9 and 3.6 (issue 10 fixes them; a fix without deleting the entry fails the test):
     no_dot = [KnownFailure(10, "tl.dot over a block of G < 16 keys: K >= 16 on NVIDIA", "_polar_decode_split_kernel",
                            {"G": (1, 4)})]
+    decode_spills = [KnownFailure(10, "spills: 32 bytes a thread (Triton 3.6), up to 1.8 KB (3.9, 4/4 bits)",
+                                  "_polar_decode_split_kernel", {"G": 128})]
+    quantize_spills = [KnownFailure(10, "spills 8 bytes a thread in bf16 on sm_90 with Triton 3.9", "_polar_quantize_kernel",
+                                    targets=("sm_90",), tritons=("3.9",))]
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        cases += [CompileCase("quantize G128 4/4", dtype, lambda dtype=dtype: quantize(dtype)),
-                  CompileCase("decode L32k", dtype, lambda dtype=dtype: decode(dtype), mma_sync_ok=small_tiles),
-                  CompileCase("polar decode G128 4/4", dtype, lambda dtype=dtype: decode(dtype, 128), mma_sync_ok=small_tiles),
-                  CompileCase("polar decode G128 3/3", dtype, lambda dtype=dtype: decode(dtype, 128, (3, 3)),
-                              mma_sync_ok=small_tiles)]
+        cases += [CompileCase("quantize G128 4/4", dtype, lambda dtype=dtype: quantize(dtype),
+                              known_failures=quantize_spills if dtype == torch.bfloat16 else ()),
+                  CompileCase("decode L32k", dtype, lambda dtype=dtype: decode(dtype), mma_sync_ok=small_tiles)]
+        cases += [CompileCase(f"polar decode G128 {bits[0]}/{bits[1]}", dtype, lambda dtype=dtype, bits=bits: decode(dtype, 128, bits),
+                              known_failures=decode_spills, mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
     cases += [CompileCase(f"polar decode G{g} 4/4", torch.bfloat16, lambda g=g: decode(torch.bfloat16, g),
                           known_failures=no_dot, mma_sync_ok=small_tiles) for g in (1, 4)]
     return cases

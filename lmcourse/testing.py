@@ -414,7 +414,8 @@ class CompileRecord:
     spill_bytes: int = 0               # per thread, in local memory: registers that did not fit
     shared_bytes: int = 0              # per block: Triton's dynamic shared memory plus the static part
     mma: str = "-"                     # tensor-core instructions in the PTX: "wgmma", "mma.sync", "wgmma+mma.sync" or "-"
-    seconds: float = 0.0
+    seconds: float = 0.0               # wall time of the compile
+    cpu_seconds: float = 0.0           # CPU time of the compile, ptxas included (what it costs on an idle machine)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -430,6 +431,12 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
 
+def _cpu_seconds() -> float:
+    "CPU time of this process and of its finished children (ptxas, cuobjdump)."
+    import resource
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
 def _error_text(e: Exception) -> str:
     lines = [line for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
     return "\n".join(lines[-12:])[-1500:]
@@ -442,19 +449,19 @@ def _compile(kernel, launch: Launch, target: str) -> CompileRecord:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in launch.divisible}
     source = ASTSource(fn=kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
     head = dict(kernel=launch.kernel, target=target, triton=triton.__version__)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    cost = lambda: dict(seconds=time.perf_counter() - start, cpu_seconds=_cpu_seconds() - cpu)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", GPU_TARGETS[target][0], 32),
                                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
         usage = _resource_usage(compiled.asm["cubin"])
     except Exception as e:   # compile errors, ptxas errors: the record says what failed
-        return CompileRecord(**head, ok=False, error=_error_text(e), seconds=time.perf_counter() - start)
+        return CompileRecord(**head, ok=False, error=_error_text(e), **cost())
     ptx = compiled.asm["ptx"]
     mma = "+".join(name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"))
                    if re.search(pattern, ptx)) or "-"
     return CompileRecord(**head, ok=True, registers=usage["REG"], spill_bytes=usage["STACK"] + usage["LOCAL"],
-                         shared_bytes=compiled.metadata.shared + usage["SHARED"], mma=mma,
-                         seconds=time.perf_counter() - start)
+                         shared_bytes=compiled.metadata.shared + usage["SHARED"], mma=mma, **cost())
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, *, target: str = "sm_90", num_warps: int = 4,
                    num_stages: int = 3, divisible: Sequence[str] | None = None) -> CompileRecord:
@@ -476,7 +483,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, *, target: str = "
 # %% ../nbs/00d_testing.ipynb #c1a0e7f3
 def compile_launches(launches: Sequence[Launch], targets: Sequence[str] = ("sm_90", "sm_80"), *,
                      triton_path: str | Path | None = None, jobs: int | None = None,
-                     timeout: float = 1800) -> list[CompileRecord]:
+                     timeout: float = 7200) -> list[CompileRecord]:
     """Compile every launch for every target (records launch-major, targets inner) in a fresh process with
     TRITON_INTERPRET=0, `jobs` compiles at a time (default: $LMCOURSE_COMPILE_JOBS, else 2). `triton_path` is a
     directory holding another Triton (`pip install --no-deps --target DIR triton==3.6.0`), put first on its path."""
@@ -550,18 +557,23 @@ class CompileCase:
     launch: Callable[[], object]
     known_failures: Sequence[KnownFailure] = ()
     mma_sync_ok: str = ""                         # why bf16 dots may run on mma.sync on sm_90 ("": wgmma required)
+    configs: Sequence[int] | None = None          # config indices of its autotuned kernels to compile (None: every one)
 
 def gpu_config_count(fn: Callable[[], object]) -> int:
     "How many GPU configs the launches of `fn()` choose from (the longest autotune list among them; 1 for heuristics)."
     return max((launch.config_count for launch in capture_launches(fn)), default=1)
 
 def case_launches(case: CompileCase) -> list[Launch]:
-    "The distinct launches `case` makes at every GPU config index of its autotuned kernels (heuristics: one each)."
-    launches = capture_launches(case.launch, 0)
-    if not launches:
+    """The distinct launches `case` makes at each GPU config index of its autotuned kernels — every index, or
+    `case.configs` — and at the one choice of its heuristic kernels."""
+    first = capture_launches(case.launch, 0)
+    if not first:
         raise ValueError(f"compile case {case.label!r} ({case.dtype}) launched no Triton kernel")
-    for index in range(1, max(launch.config_count for launch in launches)):
-        launches += capture_launches(case.launch, index)
+    count = max(launch.config_count for launch in first)
+    indices = range(count) if case.configs is None else case.configs
+    if any(not 0 <= i < count for i in indices):
+        raise ValueError(f"compile case {case.label!r}: configs {list(indices)} outside the {count} its kernels have")
+    launches = [launch for i in indices for launch in (first if i == 0 else capture_launches(case.launch, i))]
     return list({launch.key(): launch for launch in launches}.values())
 
 def compile_verdict(case: CompileCase, launch: Launch, record: CompileRecord) -> tuple[list[str], KnownFailure | None]:
@@ -595,9 +607,14 @@ def compile_cases_by_module(package=None) -> dict[str, list[CompileCase]]:
     return found
 
 # %% ../nbs/00d_testing.ipynb #c1a0e802
+def _params(launch: Launch) -> dict:
+    "What tells launches of one kernel apart: constexprs, options, and which arguments are divisible by 16."
+    divisible = {f"{name}%16": name in launch.divisible for name, kind in launch.signature.items() if kind != "constexpr"}
+    return {**launch.constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages, **divisible}
+
 def _varying(launches: Sequence[Launch]) -> list[str]:
-    "The constexprs and options that differ between `launches`: the columns worth printing."
-    params = [{**l.constexprs, "num_warps": l.num_warps, "num_stages": l.num_stages} for l in launches]
+    "The parameters that differ between `launches`: the columns worth printing."
+    params = [_params(l) for l in launches]
     return [k for k in dict.fromkeys(k for p in params for k in p) if len({json.dumps(p.get(k)) for p in params}) > 1]
 
 def compile_report(entries: Sequence[tuple[CompileCase, Launch, Sequence[CompileRecord]]]) -> str:
@@ -608,8 +625,8 @@ def compile_report(entries: Sequence[tuple[CompileCase, Launch, Sequence[Compile
     columns = [f"{r.target} {r.triton}" for r in entries[0][2]]
     rows = []
     for case, launch, records in entries:
-        params = {**launch.constexprs, "num_warps": launch.num_warps, "num_stages": launch.num_stages}
-        label = [case.label, str(case.dtype).removeprefix("torch."), *(f"{k}={params[k]}" for k in varying)]
+        params = _params(launch)
+        label = [case.label, str(case.dtype).removeprefix("torch."), *(f"{k}={params[k]}" for k in varying if k in params)]
         cells = []
         for record in records:
             problems, known = compile_verdict(case, launch, record)
