@@ -626,7 +626,10 @@ def compile_report(entries: Sequence[tuple[CompileCase, Launch, Sequence[Compile
     rows = []
     for case, launch, records in entries:
         params = _params(launch)
-        label = [case.label, str(case.dtype).removeprefix("torch."), *(f"{k}={params[k]}" for k in varying if k in params)]
+        ragged = [k[:-3] for k in varying if k.endswith("%16") and params.get(k) is False]
+        label = [case.label, str(case.dtype).removeprefix("torch."),
+                 *(f"{k}={params[k]}" for k in varying if k in params and not k.endswith("%16")),
+                 *([f"not a multiple of 16: {','.join(ragged)}"] if ragged else [])]
         cells = []
         for record in records:
             problems, known = compile_verdict(case, launch, record)

@@ -162,7 +162,8 @@ def run_step(step: str, seconds: float, full: bool) -> dict:
     env = dict(os.environ)
     if not full:
         env.setdefault("LMCOURSE_AUTOTUNE_MAX", "2")
-    env.setdefault("LMCOURSE_PROFILE", "full")
+    if step != "tests":                           # the tests keep their own (smoke) sizes
+        env.setdefault("LMCOURSE_PROFILE", "full")
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp, "report.json")
@@ -238,11 +239,11 @@ def main(argv=None) -> int:
     summaries = [run_step(step, seconds, args.full is not None) for step, seconds in steps]
     total = time.monotonic() - start
     print_summary(summaries, total)
-    results = ROOT / "results"
-    results.mkdir(exist_ok=True)
+    from lmcourse.bench import env_info, results_root
     name = f"gpu_run_{args.full}.json" if args.full else "gpu_summary.json"
-    (results / name).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                            "seconds": round(total), "parts": summaries}, indent=1, default=str))
+    results_root().mkdir(parents=True, exist_ok=True)
+    (results_root() / name).write_text(json.dumps({"env": env_info(), "seconds": round(total), "parts": summaries},
+                                                  indent=1, default=str))
     return 0 if all(s["status"] == "ok" for s in summaries) else 1
 
 
