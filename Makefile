@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(TRITON_SIDE)/.installed:
-	$(PY) -m pip install -q --no-deps --target $(TRITON_SIDE) $(TRITON_SIDE_PIN)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(TRITON_SIDE) $(TRITON_SIDE_PIN)
 	touch $@
 
 export: env
