@@ -1,5 +1,5 @@
 # lmcourse — the two commands of the README, the steps they are made of, and the GPU machine's two commands.
-#   make course   set up, export, execute every chapter (smoke on CPU, full on a GPU), build the site
+#   make course   set up, export, execute every chapter (smoke on CPU, full on a GPU), build the site (_docs/ or _site/)
 #   make test     set up, check notebooks and package are in sync and clean, lint, run every test
 #   make export   after editing a notebook: nbdev-export, then nbdev-clean (what sync-check asks for)
 #   make gpu      on an H100/H200 (torch + triton preinstalled, no network): GPU tests, benchmark sweeps, results/ (<= 9 min)
@@ -22,7 +22,7 @@ CHAPTER ?=
 JOBS ?= 2
 NBS := $(sort $(wildcard nbs/*.ipynb))
 
-.PHONY: course test env export sync-check lint pytest execute docs clean gpu gpu-run
+.PHONY: course test env export sync-check lint pytest execute docs site site-test clean gpu gpu-run
 
 env: $(VENV)/.installed
 
@@ -64,17 +64,25 @@ execute: export
 	done
 	$(VENV)/bin/nbdev-clean
 
-# The site: Quarto through nbdev-docs when quarto is installed; otherwise the processed notebooks (_proc/).
+# The site: Quarto through nbdev-docs when quarto is installed (the published site, _docs/); otherwise the offline
+# site, built from the same processed notebooks with nbconvert (scripts/build_site.py, _site/; open _site/index.html).
 docs: export
 	@if command -v quarto >/dev/null 2>&1; then $(VENV)/bin/nbdev-readme && $(VENV)/bin/nbdev-docs; echo "site built in _docs/"; \
-	else $(PY) scripts/proc_nbs.py; \
-		echo "Quarto is not installed, so the HTML site was not rendered. The processed notebooks are in _proc/."; \
-		echo "Install Quarto from https://quarto.org/docs/get-started/ (a binary download) and run 'make docs' again."; fi
+	else $(PY) scripts/build_site.py; \
+		echo "Quarto is not installed, so the published (Quarto) site was not rendered: the offline site above is in _site/."; \
+		echo "Open _site/index.html in a browser. For the Quarto site install it from https://quarto.org/docs/get-started/ and run 'make docs' again."; fi
+
+# The offline site alone (also when Quarto is installed), and the same site checked in headless Chromium.
+site: export
+	$(PY) scripts/build_site.py
+
+site-test: site
+	LMCOURSE_SITE_TEST=1 $(PY) -m pytest tests/test_site_browser.py -q -s -p no:cacheprovider
 
 course: env execute docs
 
 clean:
-	rm -rf _proc _docs .pytest_cache
+	rm -rf _proc _docs _site .pytest_cache
 
 # The GPU machine: its own Python (torch 2.11, triton 3.6 preinstalled; no network, no nbdev/nbval/datasets).
 # scripts/gpu.py installs this checkout (pip install --no-deps --no-build-isolation -e .) and runs its parts.

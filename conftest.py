@@ -22,6 +22,9 @@ import re  # noqa: E402
 import lmcourse  # noqa: E402,F401  (sets TRITON_INTERPRET=1 when no GPU is visible)
 import pytest  # noqa: E402
 
+# Records which kernels each test launched; a full run writes results/verified/<device-kind>.json (nbs/00i_verified).
+pytest_plugins = ["lmcourse.verified"]
+
 _EVAL_FALSE = re.compile(r"^#\|\s*eval:\s*false", re.M)
 _GPU_FLAG = re.compile(r"^#\|\s*gpu\b", re.M)
 

@@ -53,7 +53,7 @@ def full(budget):
     return [{"metric": "key quantizers on the full baseline", "measured": "results/polarquant/full_run.json", "target": "stored"}]
 
 
-PARTS = {"bench": (80, bench), "full": (480, full)}   # seconds; see results/README.md
+PARTS = {"bench": (70, bench), "full": (480, full)}   # seconds; see results/README.md
 
 
 if __name__ == "__main__":   # python scripts/polarquant_gpu.py [bench | full | all]: the parts in this process, no time limit
