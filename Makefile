@@ -49,8 +49,11 @@ sync-check: env
 lint: env
 	$(VENV)/bin/ruff check lmcourse tests scripts conftest.py
 
+# One thread per process (each xdist worker and each notebook kernel it starts): JOBS processes on JOBS cores. With
+# torch's default of a thread per core they oversubscribe the machine (DrICL's smoke notebook: 234 s wall under load
+# with the default, 21 s single-threaded).
 pytest: env $(TRITON_SIDE)/.installed
-	LMCOURSE_COMPILE_TRITONS=$(TRITON_SIDE) LMCOURSE_COMPILE_JOBS=$(JOBS) \
+	OMP_NUM_THREADS=1 LMCOURSE_COMPILE_TRITONS=$(TRITON_SIDE) LMCOURSE_COMPILE_JOBS=$(JOBS) \
 	$(PY) -m pytest tests nbs --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -n $(JOBS) --dist loadscope -q -p no:cacheprovider
 
 test: env sync-check lint pytest
