@@ -10,7 +10,7 @@ __all__ = ['PAPER_BASES', 'LAYOUTS', 'ROTATE_BLOCK_T', 'ROTATE_NUM_WARPS', 'MIN_
            'mixture_waveform', 'waveform_minimum', 'choose_bases', 'moice_frequencies', 'expert_attention_ref',
            'moice_attention_ref', 'MoICERouter', 'router_param_count', 'router_gates', 'balance_loss',
            'moice_attention_simple', 'RotateExpertsFunction', 'rotate_experts', 'MultiExpertAttentionFunction',
-           'moice_attention', 'moice_decode_attention', 'gpu_launch_specs', 'released_decode_step', 'rotated_cache',
+           'moice_attention', 'moice_decode_attention', 'compile_cases', 'released_decode_step', 'rotated_cache',
            'separate_sdpa_decode_step', 'benchmark_moice', 'moice_attention_weights', 'MoICEMixer', 'MoICEAttention',
            'moice_layers', 'moice_transformer', 'set_fixed_gates', 'freeze_except_routers', 'moice_loss',
            'kv_retrieval_task', 'kv_vocab_size', 'retrieval_accuracy', 'router_stats', 'MoICERunConfig',
@@ -35,7 +35,8 @@ from .model import (
     Attention, ModelConfig, NoPositions, Transformer, apply_rotary, attention_weights, check_qkv, expand_kv,
     rope_frequencies, sdpa_attention)
 from .polarquant import _default_splits
-from .testing import alloc_output, triton_interpreted
+from .testing import (CompileCase, KnownFailure, alloc_output, check_dtype, tile_kwargs, triton_interpreted,
+                              use_gpu_tiles)
 from .train import TrainConfig, by_profile, default_device, train
 
 # %% ../nbs/04_moice.ipynb #db37d534
@@ -557,10 +558,11 @@ _mea_bwd_dk = _tuned(_mea_bwd_dkdv_kernel, "dk")
 _mea_bwd_dv = _tuned(_mea_bwd_dkdv_kernel, "dv")
 _mea_bwd_dq = _tuned(_mea_bwd_dq_kernel, "dq")
 
-def _blocks(blocks: dict | None):
-    "Explicit block sizes (tests), the interpreter's fixed tile, or none on a GPU (the autotuner picks)."
-    if blocks is not None: return dict(blocks)
-    return {} if torch.cuda.is_available() else dict(CPU_BLOCKS)
+def _blocks(blocks: dict | None, name: str, x: torch.Tensor) -> dict:
+    """Launch keywords of kernel `name` for inputs like `x`: none on a GPU (the autotuner picks from GPU_CONFIGS, and
+    `blocks` is ignored there); in the interpreter `blocks` (tests) or CPU_BLOCKS; inside `gpu_tiles()` a GPU config."""
+    if blocks is not None and x.device.type != "cuda": return dict(blocks)
+    return tile_kwargs(GPU_CONFIGS[name]["fp32" if x.dtype == torch.float32 else "16bit"], x.device, CPU_BLOCKS)
 
 # %% ../nbs/04_moice.ipynb #3316f00f
 def _check_moice_inputs(q, k, v, gates, freqs, scale, layout, *, decode: bool = False):
@@ -579,8 +581,8 @@ def _check_moice_inputs(q, k, v, gates, freqs, scale, layout, *, decode: bool = 
     if not (q.dtype == k.dtype == v.dtype): raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the MoICE kernels support float32, float16 and bfloat16, not {q.dtype}")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise ValueError("bfloat16 is computed wrongly by the Triton CPU interpreter: use float32 or float16 on CPU")
+    if q.dtype == torch.bfloat16:                      # not in the interpreter (wrong there), not below sm_80
+        check_dtype(q, what="the MoICE kernels")
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if D % 2 or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
@@ -612,7 +614,7 @@ def _mea_forward(qr, kr, v, gates, causal: bool, scale: float, store_experts: bo
         qr, kr, v, gates, o, o_acc, lse, oe, v.stride(0), v.stride(1), v.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2), H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E,
         triton.next_power_of_2(Tq), triton.next_power_of_2(Tk), N=N, HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal, STORE_EXPERTS=store_experts, **_blocks(blocks))
+        BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal, STORE_EXPERTS=store_experts, **_blocks(blocks, "fwd", qr))
     return o, lse, (oe if store_experts else None)
 
 def _mea_backward(qr, kr, v, gates, lse, oe, do, causal: bool, scale: float, blocks=None):
@@ -625,14 +627,15 @@ def _mea_backward(qr, kr, v, gates, lse, oe, do, causal: bool, scale: float, blo
     _mea_gate_grad_kernel[(triton.cdiv(Tq, 32), B * H)](do, oe, dg, Tq, N=N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=32)
     dqr, dkr, dv = (alloc_output(t.shape, t.dtype, t.device) for t in (qr, kr, v))
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
-    meta = dict(N=N, HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, **_blocks(blocks))
+    meta = dict(N=N, HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal)
     strides = (v.stride(0), v.stride(1), v.stride(2), gates.stride(0), gates.stride(1), gates.stride(2))
-    for kernel, pass_dk in ((_mea_bwd_dk, True), (_mea_bwd_dv, False)):   # dK_j, then dV (one accumulator each)
+    for kernel, name in ((_mea_bwd_dk, "dk"), (_mea_bwd_dv, "dv")):     # dK_j, then dV (one accumulator each)
         kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)](
             qr, kr, v, gates, do, lse, dg, dkr, dv, *strides, dv.stride(0), dv.stride(1), dv.stride(2),
-            H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, DK=pass_dk, **meta)
+            H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, DK=name == "dk", **meta, **_blocks(blocks, name, qr))
     _mea_bwd_dq[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
-        qr, kr, v, gates, do, lse, dg, dqr, *strides, H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta)
+        qr, kr, v, gates, do, lse, dg, dqr, *strides, H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta,
+        **_blocks(blocks, "dq", qr))
     return dqr, dkr, dv, dg
 
 class MultiExpertAttentionFunction(torch.autograd.Function):
@@ -659,7 +662,8 @@ def moice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: to
 
     q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] un-rotated (H a multiple of Hkv, D even in 16..128, any lengths),
     gates [B, H, Tq, N], freqs [N, D/2] (`moice_frequencies`). Key s sits at position s, query i at Tk − Tq + i;
-    causal masks are bottom-right aligned. `blocks` fixes BLOCK_M/BLOCK_N (tests). Returns [B, H, Tq, D]."""
+    causal masks are bottom-right aligned. `blocks` fixes BLOCK_M/BLOCK_N in the interpreter (tests; a GPU autotunes).
+    Returns [B, H, Tq, D]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check_moice_inputs(q, k, v, gates, freqs, scale, layout)
     Tq, Tk = q.shape[2], k.shape[2]
@@ -783,7 +787,7 @@ def moice_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
     gates = gates.reshape(B, Hq, N)
     freqs = freqs.float().contiguous()
     if block_t is None:
-        block_t = GPU_CONFIGS["decode"]["BLOCK_T"] if q.is_cuda else CPU_DECODE_BLOCK_T
+        block_t = GPU_CONFIGS["decode"]["BLOCK_T"] if use_gpu_tiles(q.device) else CPU_DECODE_BLOCK_T
     pairs = _pairs_meta(D, layout)
     block_p = max(16, pairs["BLOCK_P"])               # tl.dot needs K >= 16
     n_tiles = triton.cdiv(L, block_t)
@@ -799,71 +803,41 @@ def moice_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
         Hkv, Hq, L, n_splits, scale * LOG2E, N=N, GROUP=group, G_PAD=g_pad,
         BLOCK_R=max(16, triton.next_power_of_2(N) * g_pad), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_P=block_p, PAIR_STRIDE=pairs["PAIR_STRIDE"], Y_SHIFT=pairs["Y_SHIFT"], BLOCK_T=block_t,
-        TILES_PER_SPLIT=tiles_per_split, num_warps=GPU_CONFIGS["decode"]["num_warps"] if q.is_cuda else 4)
+        TILES_PER_SPLIT=tiles_per_split, num_warps=GPU_CONFIGS["decode"]["num_warps"] if use_gpu_tiles(q.device) else 4)
     o = alloc_output((B, Hq, 1, D), v.dtype, q.device)
     _moice_decode_reduce_kernel[(B * Hq,)](o_part, lse_part, gates, o, gates.stride(0), gates.stride(1), Hq, n_splits,
                                           N=N, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=DECODE_REDUCE_BLOCK_S)
     return o
 
 # %% ../nbs/04_moice.ipynb #e33d5f85
-def gpu_launch_specs(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"), head_dims: Sequence[int] = (64, 128),
-                     n_experts: int = 7, groups: Sequence[int] = (1, 8)) -> list[dict]:
-    """Compile specs of every GPU launch: {name, kernel, args, num_warps, num_stages}; `args` maps each kernel argument
-    to a type ('*bf16:16' = pointer aligned to 16 bytes, 'i32', 'fp32') or a constexpr value."""
-    specs = []
-    i32, i16, f32 = "i32", "i32:16", "fp32"
-    for dt in dtypes:
-        pt, cls = f"*{dt}:16", "fp32" if dt == "fp32" else "16bit"
-        for D in head_dims:
-            pairs = _pairs_meta(D, "half")
-            common = dict(N=n_experts, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
-            strides_vg = dict(stride_vb=i16, stride_vh=i16, stride_vt=i16, stride_gb=i32, stride_gh=i32, stride_gt=i32)
-            sizes = dict(H=i32, HKV=i32, GROUP=i32, Tq=i32, Tk=i32, qk_scale=f32, q_bucket=i16, k_bucket=i16)
-            for cfg in GPU_CONFIGS["fwd"][cls]:
-                args = dict(q=pt, k=pt, v=pt, g="*fp32:16", o=pt, o_acc="*fp32:16", lse="*fp32:16", oe=pt, **strides_vg,
-                            **sizes, **common, **cfg.kwargs, CAUSAL=True, STORE_EXPERTS=True)
-                specs.append(dict(name=f"fwd {dt} d{D} {cfg.kwargs}", kernel=_mea_fwd_kernel, args=args,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            bwd = dict(q=pt, k=pt, v=pt, g="*fp32:16", do=pt, lse="*fp32:16", dg="*fp32:16", **strides_vg, **sizes,
-                       scale=f32, **common, CAUSAL=True)
-            for name, pass_dk in (("dk", True), ("dv", False)):
-                for cfg in GPU_CONFIGS[name][cls]:
-                    args = dict(bwd, dk=pt, dv=pt, stride_dvb=i16, stride_dvh=i16, stride_dvt=i16, **cfg.kwargs, DK=pass_dk)
-                    specs.append(dict(name=f"{name} {dt} d{D} {cfg.kwargs}", kernel=_mea_bwd_dkdv_kernel, args=args,
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            for cfg in GPU_CONFIGS["dq"][cls]:
-                specs.append(dict(name=f"dq {dt} d{D} {cfg.kwargs}", kernel=_mea_bwd_dq_kernel,
-                                  args=dict(bwd, dq=pt, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            specs.append(dict(name=f"gate grad {dt} d{D}", kernel=_mea_gate_grad_kernel, num_warps=4, num_stages=2,
-                              args=dict(do=pt, oe=pt, dg="*fp32:16", Tq=i32, **common, BLOCK_M=32)))
-            rot = dict(N=n_experts, **pairs, BLOCK_T=ROTATE_BLOCK_T)
-            specs.append(dict(name=f"rotate {dt} d{D}", kernel=_rotate_experts_kernel, num_warps=ROTATE_NUM_WARPS, num_stages=2,
-                              args=dict(x=pt, freqs="*fp32:16", out=pt, stride_xb=i16, stride_xh=i16, stride_xt=i16,
-                                        H=i32, T=i32, offset=i32, **rot)))
-            specs.append(dict(name=f"unrotate {dt} d{D}", kernel=_unrotate_sum_kernel, num_warps=ROTATE_NUM_WARPS, num_stages=2,
-                              args=dict(dout=pt, freqs="*fp32:16", dx=pt, T=i32, offset=i32, **rot)))
-            block_t, warps = GPU_CONFIGS["decode"]["BLOCK_T"], GPU_CONFIGS["decode"]["num_warps"]
-            for group in groups:
-                g_pad = triton.next_power_of_2(group)
-                specs.append(dict(name=f"decode {dt} d{D} group {group}", kernel=_moice_decode_split_kernel,
-                                  num_warps=warps, num_stages=2, args=dict(
-                                      q=pt, k=pt, v=pt, freqs="*fp32:16", delta_cs="*fp32:16", o_part="*fp32:16",
-                                      lse_part="*fp32:16", stride_qb=i16, stride_qh=i16, stride_kb=i16, stride_kh=i16,
-                                      stride_kt=i16, stride_vb=i16, stride_vh=i16, stride_vt=i16, HKV=i32, Hq=i32,
-                                      L=i32, n_splits=i32, qk_scale=f32, N=n_experts, GROUP=group, G_PAD=g_pad,
-                                      BLOCK_R=max(16, triton.next_power_of_2(n_experts) * g_pad), HEAD_DIM=D,
-                                      BLOCK_D=common["BLOCK_D"], BLOCK_P=max(16, pairs["BLOCK_P"]),
-                                      PAIR_STRIDE=pairs["PAIR_STRIDE"], Y_SHIFT=pairs["Y_SHIFT"], BLOCK_T=block_t,
-                                      TILES_PER_SPLIT=4)))
-            specs.append(dict(name=f"decode reduce {dt} d{D}", kernel=_moice_decode_reduce_kernel, num_warps=4,
-                              num_stages=2, args=dict(o_part="*fp32:16", lse_part="*fp32:16", g="*fp32:16", o=pt,
-                                                      stride_gb=i32, stride_gh=i32, Hq=i32, n_splits=i32, N=n_experts,
-                                                      HEAD_DIM=D, BLOCK_D=common["BLOCK_D"],
-                                                      BLOCK_S=DECODE_REDUCE_BLOCK_S)))
-        specs.append(dict(name=f"short kernel {dt} d128", kernel=_moice_fwd_simple_kernel, num_warps=8, num_stages=2,
-                          args=dict(q=pt, k=pt, v=pt, g="*fp32:16", freqs="*fp32:16", o=pt, T=i32, qk_scale=f32,
-                                    N=n_experts, D=128, BLOCK=32)))
-    return specs
+def compile_cases() -> list[CompileCase]:
+    """Representative GPU launches for the project's compile test (`tests/test_gpu_compile.py`): prefill forward and
+    backward at Llama-2's heads (32 × 128) and a GQA head dim 64, bf16 (every config) and fp32 (its first), N = 7;
+    decode with one query head per key head (Llama-2's MHA; head dim 64 as well); the short kernel."""
+    def prefill(H, Hkv, D, dtype):
+        q = torch.empty(1, H, 256, D, dtype=dtype, requires_grad=True)      # never read: nothing runs
+        k, v = (torch.empty(1, Hkv, 256, D, dtype=dtype, requires_grad=True) for _ in range(2))
+        gates = torch.empty(1, H, 256, len(PAPER_BASES), requires_grad=True)
+        o = moice_attention(q, k, v, gates, moice_frequencies(PAPER_BASES, D))
+        o.backward(torch.empty_like(o))
+    def decode(H, Hkv, D, dtype):
+        q = torch.empty(1, H, 1, D, dtype=dtype)
+        k, v = (torch.empty(1, Hkv, 4096, D, dtype=dtype) for _ in range(2))
+        moice_decode_attention(q, k, v, torch.empty(1, H, 1, len(PAPER_BASES)), moice_frequencies(PAPER_BASES, D))
+    def short():
+        q, k, v = (torch.empty(1, 32, 256, 128, dtype=torch.bfloat16) for _ in range(3))
+        moice_attention_simple(q, k, v, torch.empty(1, 32, 256, len(PAPER_BASES)), moice_frequencies(PAPER_BASES, 128))
+    bf16 = torch.bfloat16
+    small_rows = "a decode program's rows are N × (query heads per key head) = 7 here, under the 64 rows of a wgmma"
+    a100_decode = KnownFailure(14, "spills 52-76 B on sm_80 (A100): 64-key tiles, 8 warps", "_moice_decode_split_kernel",
+                               {"HEAD_DIM": 64, "GROUP": 1}, ("sm_80",), ("3.9",))
+    return [CompileCase("prefill hd128", bf16, lambda: prefill(32, 32, 128, bf16)),
+            CompileCase("prefill hd64 GQA", bf16, lambda: prefill(8, 2, 64, bf16)),
+            CompileCase("prefill hd128", torch.float32, lambda: prefill(32, 32, 128, torch.float32), configs=(0,)),
+            CompileCase("prefill hd64 GQA", torch.float32, lambda: prefill(8, 2, 64, torch.float32), configs=(0,)),
+            CompileCase("decode hd128 MHA", bf16, lambda: decode(32, 32, 128, bf16), mma_sync_ok=small_rows),
+            CompileCase("decode hd64 group 1", bf16, lambda: decode(8, 8, 64, bf16), [a100_decode], mma_sync_ok=small_rows),
+            CompileCase("short kernel hd128", bf16, short, mma_sync_ok="the teaching kernel: 32-row tiles")]
 
 # %% ../nbs/04_moice.ipynb #e0b94ee7
 def released_decode_step(q, k, v, gates, freqs, scale=None):

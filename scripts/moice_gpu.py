@@ -1,27 +1,24 @@
-"""GPU runs of the MoICE chapter (nbs/04_moice.ipynb): kernel checks against float64 in every dtype, the decode and
-prefill benchmarks and the retrieval experiment, stored under results/moice/ through `lmcourse.bench.save_result`.
+"""GPU runs of the MoICE chapter (nbs/04_moice.ipynb, lmcourse.moice); results go to results/moice/*.json.
 
-On the GPU machine, from the repository root:
-    pip install --no-deps --no-build-isolation -e .
-    python scripts/moice_gpu.py                  # everything
-    python scripts/moice_gpu.py --only check     # one part: check | bench | full
+Parts (see scripts/gpu.py and results/README.md):
+    make gpu-run CHAPTER=moice   # `full`: the kernels vs float64 in every dtype, the decode and prefill sweeps,
+                                 #  then the retrieval experiment (at most 8 minutes)
+    python scripts/moice_gpu.py [full | all]   # the same in this process, no time limit
 
-Expected times on one H100/H200 (not measured yet: no GPU was available when this was written):
-    check  ~1 min   (Triton JIT: ~12 kernel specializations × 2-3 configs each; the checks themselves are seconds)
-    bench  ~2 min   (autotune 2-3 configs per prefill kernel and shape bucket; 4 + 4 sweep points × 3-4 providers)
-    full   ~4 min   (base LM 2,000 steps; 6 router-training runs of 200 steps; evaluation) — at most 8 minutes
+MoICE has no `bench` part in `make gpu`: its 9 minutes were allotted before this chapter (results/README.md); the
+sweeps run in the full part. Expected times on one H100/H200 (not measured yet: no GPU was available):
+    check  ~1 min   (Triton JIT: ~12 kernel specializations x 1-2 configs each; the checks themselves are seconds)
+    bench  ~2 min   (autotune 1-2 configs per prefill kernel and shape bucket; 4 + 4 sweep points x 3-4 providers)
+    retrieval ~4 min (base LM 2,000 steps; 6 router-training runs of 200 steps; evaluation)
 """
 import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the retrieval experiment uses the full sizes
 
-import argparse
-import time
-
 import lmcourse  # noqa: F401  (first, as everywhere)
 import torch
 
-from lmcourse.bench import gpu_available, save_result
+from lmcourse.bench import save_result
 from lmcourse.moice import (PAPER_BASES, benchmark_moice, moice_attention, moice_attention_ref,
                             moice_decode_attention, moice_frequencies, moice_retrieval_experiment)
 from lmcourse.testing import assert_close, check_against_reference, kernel_dtypes, random_tensors, tolerance
@@ -54,27 +51,27 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["check", "bench", "full"], default=None)
-    args = parser.parse_args()
-    if not gpu_available():
-        raise SystemExit("scripts/moice_gpu.py needs a CUDA GPU")
-    parts = [args.only] if args.only else ["check", "bench", "full"]
-    for part in parts:
-        start = time.perf_counter()
-        try:
-            if part == "check":
-                print("saved", save_result("moice", "gpu_check", gpu_check()))
-            elif part == "bench":
-                for name, result in benchmark_moice().items():
-                    print("saved", save_result("moice", name, result))
-            else:
-                print("saved", save_result("moice", "retrieval", moice_retrieval_experiment()))
-        except Exception as e:                      # one failing part does not stop the others
-            print(f"{part} FAILED: {type(e).__name__}: {e}", flush=True)
-        print(f"{part}: {time.perf_counter() - start:.0f} s", flush=True)
+def full(budget):
+    "make gpu-run CHAPTER=moice: the kernel check, the sweeps, then the retrieval experiment, while time remains."
+    print("saved", save_result("moice", "gpu_check", gpu_check()))
+    rows = []
+    if budget.left() < 150:
+        budget.skip("decode and prefill sweeps")
+    else:
+        for name, result in benchmark_moice().items():
+            print("saved", save_result("moice", name, result))
+        rows.append({"metric": "decode and prefill sweeps", "measured": "results/moice/", "target": "stored"})
+    if budget.left() < 240:
+        budget.skip("retrieval experiment")
+    else:
+        print("saved", save_result("moice", "retrieval", moice_retrieval_experiment()))
+        rows.append({"metric": "retrieval experiment", "measured": "results/moice/retrieval.json", "target": "stored"})
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+PARTS = {"full": (480, full)}   # seconds; see results/README.md
+
+
+if __name__ == "__main__":   # python scripts/moice_gpu.py [full | all]: the parts in this process, no time limit
+    from gpu import run_cli
+    run_cli(PARTS)

@@ -1,14 +1,10 @@
 """Tests of `lmcourse.moice`: waveforms and bases, the router and balance loss, the reference, the Triton kernels
 (interpreter on CPU, at CPU and GPU block sizes) against float64, the sm_90 compile of every GPU configuration,
 the MoICE layers in `lmcourse.model`, router-only training, the benchmark providers and the retrieval experiment.
-The `transformers` integration is tested in tests/test_moice_hf.py."""
+The `transformers` integration is tested in tests/test_moice_hf.py; the GPU compile of every configuration in
+tests/test_gpu_compile.py (through `lmcourse.moice.compile_cases`). Tests marked `gpu` are the kernel checks that
+`make gpu` runs on a GPU in every dtype."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -172,6 +168,7 @@ PREFILL_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_prefill_kernels_match_reference(case):
     _check_prefill(**case)
@@ -213,11 +210,13 @@ def test_prefill_kernels_at_gpu_block_sizes(block):
     _check_prefill(B=1, H=2, Hkv=1, Tq=Tk - 7, Tk=Tk, D=32, N=2, blocks={"BLOCK_M": BM, "BLOCK_N": BN})
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 def test_prefill_kernels_dtypes(dtype):
     _check_prefill(B=1, H=2, Hkv=1, Tq=39, Tk=39, D=32, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_prefill_output_poisoned_and_no_gradient_path_stores_no_experts():
     q, k, v, z, seed = _inputs(1, 2, 2, 20, 20, 32, 3)
     freqs = moice_frequencies(PAPER_BASES[:3], 32, DEVICE)
@@ -227,6 +226,7 @@ def test_prefill_output_poisoned_and_no_gradient_path_stores_no_experts():
     assert_close(out, moice_attention_ref(q.double(), k.double(), v.double(), torch.softmax(z.double(), -1), freqs), seed=seed)
 
 
+@pytest.mark.gpu
 def test_gates_receive_the_right_gradient_alone():
     q, k, v, z, seed = _inputs(1, 2, 2, 24, 24, 32, 4)
     freqs = moice_frequencies(PAPER_BASES[:4], 32, DEVICE)
@@ -237,6 +237,7 @@ def test_gates_receive_the_right_gradient_alone():
     assert_close(dg, ref, 4e-5, seed=seed)
 
 
+@pytest.mark.gpu
 def test_rotate_experts_forward_and_backward():
     (x,), seed = random_tensors([(2, 3, 29, 24)], device=DEVICE)
     freqs = moice_frequencies(PAPER_BASES[:3], 24, DEVICE)
@@ -247,6 +248,7 @@ def test_rotate_experts_forward_and_backward():
         check_against_reference(lambda x: rotate_experts(x, freqs, 5, layout), ref, [x], seed=seed)
 
 
+@pytest.mark.gpu
 def test_short_kernel_matches_reference():
     for T, block in ((77, 32), (150, 64)):
         q, k, v, z, seed = _inputs(2, 2, 2, T, T, 32, 3)
@@ -272,6 +274,7 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_decode_kernel_matches_reference(case):
     case = dict(case)
@@ -286,6 +289,7 @@ def test_decode_kernel_matches_reference(case):
     assert_close(out, ref, seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 def test_decode_kernel_dtypes(dtype):
     q, k, v, z, seed = _inputs(1, 4, 2, 1, 70, 32, 3, dtype)
@@ -338,65 +342,6 @@ def test_prefill_refuses_sizes_past_its_32bit_offsets_and_decode_does_not():
         _check_moice_inputs(x, x, x, gates, freqs, 0.1, "half")
     _check_moice_inputs(x, x, x, gates[..., :3], freqs[:3], 0.1, "half")           # 3 experts: 1.6e9, they fit
     _check_moice_inputs(x[:, :, -1:], x, x, gates[:, :, -1:], freqs, 0.1, "half", decode=True)   # 64-bit: no limit
-
-
-# -- the sm_90 compile of every GPU configuration (until the project-wide compile test lands) ----------------
-_COMPILE = textwrap.dedent("""
-    import json, os, re, subprocess, sys, tempfile
-    import lmcourse, triton
-    from triton.backends.compiler import GPUTarget
-    from lmcourse.moice import gpu_launch_specs
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    rows = []
-    for spec in gpu_launch_specs(*json.loads(sys.argv[1])):
-        fn, sig, const, attrs = spec["kernel"], {}, {}, {}
-        for i, name in enumerate(fn.arg_names):
-            a = spec["args"][name]
-            if isinstance(a, str):
-                sig[name], _, hint = a.partition(":")
-                if hint == "16": attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                sig[name], const[name] = "constexpr", a
-        try:
-            c = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-        except Exception as e:
-            rows.append({"name": spec["name"], "error": str(e).splitlines()[-1][:300]}); continue
-        with tempfile.TemporaryDirectory() as d:
-            open(f"{d}/k.ptx", "w").write(c.asm["ptx"])
-            ptxas = [p for p in ("ptxas-blackwell", "ptxas") if os.path.exists(f"{bindir}/{p}")][0]
-            log = subprocess.run([f"{bindir}/{ptxas}", "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                                 capture_output=True, text=True).stderr
-        rows.append({"name": spec["name"], "registers": int(re.search(r"Used (\\d+) registers", log).group(1)),
-                     "spill": int(re.search(r"(\\d+) bytes spill stores", log).group(1)),
-                     "shared": c.metadata.shared, "wgmma": "wgmma" in c.asm["ptx"]})
-    print(json.dumps(rows))
-""")
-
-
-def _compile(dtypes, head_dims):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([dtypes, head_dims])], capture_output=True,
-                         text=True, env=env, timeout=1800)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the ahead-of-time compile check is for machines without a GPU")
-def test_every_gpu_configuration_compiles_for_sm90_without_spills():
-    # fp16 compiles to the same code as bf16 (checked once: identical counts). Head dim 64 is not a subset of 128:
-    # fp32 dK tiles that were spill-free at 128 spilled 8-20 bytes at 64, so both head dims run in both dtypes.
-    rows = _compile(["bf16", "fp32"], [128, 64])
-    for row in rows:
-        print(row)
-    failed = [r for r in rows if "error" in r]
-    assert not failed, failed
-    spilled = [r for r in rows if r["spill"] > 0]
-    assert not spilled, spilled
-    shared = [r for r in rows if r["shared"] > 227 * 1024]
-    assert not shared, shared
-    no_wgmma = [r for r in rows if r["name"].split()[0] in ("fwd", "dk", "dv", "dq") and "fp32" not in r["name"] and not r["wgmma"]]
-    assert not no_wgmma, no_wgmma
 
 
 # -- the model ------------------------------------------------------------------------------------------------
