@@ -346,7 +346,10 @@ def compile_cases() -> list[CompileCase]:
             hope_rotary(q.detach(), k.detach(), pos, kept, layout=layout, inplace=True)
     bf16 = [CompileCase(f"hd{D} {layout}", torch.bfloat16, lambda D=D, layout=layout: launch(D, torch.bfloat16, layout))
             for D in (64, 128, 256) for layout in LAYOUTS]
-    return bf16 + [CompileCase("hd128 half", dtype, lambda dtype=dtype: launch(128, dtype)) for dtype in (torch.float16, torch.float32)]
+    other = [CompileCase("hd128 half", dtype, lambda dtype=dtype: launch(128, dtype)) for dtype in (torch.float16, torch.float32)]
+    short = CompileCase("short kernel hd128", torch.float32,
+                        lambda: hope_rotary_simple_(torch.empty(2, 8, 1024, 128), torch.arange(1024), 46))
+    return bf16 + other + [short]
 
 # %% ../nbs/02_hope.ipynb #45afda17
 def hf_cos_sin(positions: torch.Tensor, head_dim: int, kept_pairs: int, base: float = 10_000.0,
