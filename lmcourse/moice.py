@@ -168,7 +168,7 @@ def _moice_fwd_simple_kernel(q, k, v, g, freqs, o, T, qk_scale,
     b_out = tl.zeros([BLOCK, D], tl.float32)
     for j in range(N):                                                    # one expert (base) at a time
         b_theta = tl.load(freqs + j * P + o_p)
-        b_c, b_s = _cos_sin_reduced(o_m[:, None].to(tl.float64) * b_theta[None, :])   # query t at position t
+        b_c, b_s = _cos_sin_reduced((o_m[:, None].to(tl.float32) * b_theta[None, :]).to(tl.float64))  # query t at t
         b_qrx, b_qry = b_qx * b_c - b_qy * b_s, b_qx * b_s + b_qy * b_c   # RoPE with base j
         b_m = tl.full([BLOCK], float("-inf"), tl.float32)
         b_l = tl.zeros([BLOCK], tl.float32)
@@ -179,7 +179,7 @@ def _moice_fwd_simple_kernel(q, k, v, g, freqs, o, T, qk_scale,
             b_kx = tl.load(p_k, mask=o_n[:, None] < T, other=0.0)
             b_ky = tl.load(p_k + P, mask=o_n[:, None] < T, other=0.0)
             b_v = tl.load(v + i_bh * T * D + o_n[:, None] * D + o_d[None, :], mask=o_n[:, None] < T, other=0.0)
-            b_c, b_s = _cos_sin_reduced(o_n[:, None].to(tl.float64) * b_theta[None, :])  # (tl.cos spills on a GPU)
+            b_c, b_s = _cos_sin_reduced((o_n[:, None].to(tl.float32) * b_theta[None, :]).to(tl.float64))
             b_krx, b_kry = b_kx * b_c - b_ky * b_s, b_kx * b_s + b_ky * b_c
             b_sc = (tl.dot(b_qrx, tl.trans(b_krx)) + tl.dot(b_qry, tl.trans(b_kry))) * qk_scale
             b_sc = tl.where((o_n[None, :] <= o_m[:, None]) & (o_n[None, :] < T), b_sc, float("-inf"))
@@ -231,17 +231,17 @@ def _rotate(b_x, b_y, b_c, b_s):
 
 @triton.jit
 def _cos_sin(o_pos, b_theta):
-    "cos, sin of position·θ, [len(o_pos), BLOCK_P]: the exact fp32 angles, as `apply_rotary` computes them."
-    b_ang = o_pos.to(tl.float32)[:, None] * b_theta[None, :]
-    return tl.cos(b_ang), tl.sin(b_ang)
+    """cos, sin of position·θ, [len(o_pos), BLOCK_P], at the fp32 angles `apply_rotary` computes, evaluated by HoPE's
+    quarter-turn reduction: libdevice's sinf/cosf (`tl.cos`) keep a 32-byte stack frame for their slow range
+    reduction, which the compile test counts as a spill (Triton 3.6 here; the decode and short kernels in both)."""
+    return _cos_sin_reduced((o_pos.to(tl.float32)[:, None] * b_theta[None, :]).to(tl.float64))
 
 @triton.jit
 def _cos_sin_shifted(pos0, b_cd, b_sd, b_theta):
     """cos, sin of (pos0 + δ)·θ for the rows of a tile whose first row sits at pos0, from the tile's δ-table
-    (cos δθ, sin δθ) by angle addition: one sin and one cos per channel pair instead of one per element. cos and sin of
-    pos0·θ come from HoPE's quarter-turn reduction in fp64 and fp32 polynomials: libdevice's sinf/cosf keep a 32-byte
-    stack frame for their slow range reduction, which this kernel, short of registers, would spill."""
-    b_c0, b_s0 = _cos_sin_reduced(b_theta.to(tl.float64) * pos0)   # (pos0 is a Python int in the interpreter)
+    (cos δθ, sin δθ) by angle addition: one sin and one cos per channel pair instead of one per element (through
+    HoPE's reduction, as in `_cos_sin`)."""
+    b_c0, b_s0 = _cos_sin_reduced((b_theta * pos0).to(tl.float64))   # (pos0 is a Python int in the interpreter)
     b_c0, b_s0 = b_c0[None, :], b_s0[None, :]
     return b_c0 * b_cd - b_s0 * b_sd, b_s0 * b_cd + b_c0 * b_sd
 
@@ -266,7 +266,7 @@ def _query_ranges(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUS
 
 # %% ../nbs/04_moice.ipynb #34a725ea
 LAYOUTS = {"half": lambda D: (1, D // 2), "interleaved": lambda D: (2, 1)}   # -> (PAIR_STRIDE, Y_SHIFT)
-ROTATE_BLOCK_T, ROTATE_NUM_WARPS = 32, 8
+ROTATE_BLOCK_T, ROTATE_NUM_WARPS = 32, 4    # 8 warps cap a thread at 64 registers: fp32 at head dim 128 spilled
 
 @triton.jit
 def _rotate_experts_kernel(x, freqs, out, stride_xb, stride_xh, stride_xt, H, T, offset,
@@ -694,7 +694,7 @@ def _moice_decode_split_kernel(q, k, v, freqs, delta_cs, o_part, lse_part,
     m_q = m_r[:, None] & (o_p[None, :] < P)
     b_qx, b_qy = tl.load(p_qx, mask=m_q, other=0.0), tl.load(p_qx + Y_SHIFT, mask=m_q, other=0.0)
     b_theta_r = tl.load(freqs + r_e[:, None] * P + o_p[None, :], mask=m_q, other=0.0)
-    b_cq, b_sq = _cos_sin_reduced(b_theta_r.to(tl.float64) * (L - 1).to(tl.float64))   # each row's expert's base
+    b_cq, b_sq = _cos_sin_reduced((b_theta_r * (L - 1).to(tl.float32)).to(tl.float64))  # each row's base
     b_qrx, b_qry = _rotate(b_qx, b_qy, b_cq, b_sq)
     b_qrx, b_qry = b_qrx.to(q.dtype.element_ty), b_qry.to(q.dtype.element_ty)
     b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
