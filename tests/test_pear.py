@@ -106,6 +106,17 @@ def test_head_scaled_linear_at_gpu_tile_shapes(index):
     check_projection(rows, d, heads, 16, bias=True, config=index)
 
 
+def test_zero_and_negative_coefficients():
+    "A head switched off (τ = 0) or inverted (τ < 0): its dz is exactly 0 or flipped, and dτ is still its gradient."
+    (z, w), seed = random_tensors([(70, 5 * 24), (50, 5 * 24)], device=DEVICE)
+    tau = torch.tensor([0.0, -1.5, 1.0, 0.0, 2.5], device=DEVICE)
+    check_against_reference(lambda z, t: head_scaled_linear(z, w, t), lambda z, t: head_scaled_linear_ref(z, w.double(), t),
+                            [z, tau], seed=seed)
+    z_ = z.clone().requires_grad_()
+    head_scaled_linear(z_, w, tau).sum().backward()
+    assert (z_.grad[:, :24] == 0).all() and (z_.grad[:, 72:96] == 0).all()
+
+
 def test_coefficient_gradient_alone_skips_dz():
     check_projection(130, 70, 4, 16, z_grad=False)
 
