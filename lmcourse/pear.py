@@ -9,10 +9,10 @@ __all__ = ['PEAR_SETTINGS', 'GPU_CONFIGS', 'CPU_BLOCKS', 'TOY_SETTINGS', 'RAG_WO
            'suppression_scores', 'top_heads', 'fold_pear', 'head_scaled_linear_ref', 'head_scaled_linear_einsum',
            'head_scaled_linear_short', 'HeadScaledLinearFunction', 'head_scaled_linear', 'dla_prescreen_ref',
            'dla_prescreen', 'prescreen_scores', 'prescreen_top', 'PearOutput', 'attach_pear', 'pear_coefficients',
-           'detach_pear', 'copy_batches', 'train_coefficients', 'compare_backends', 'copy_accuracy', 'ToyConfig',
-           'train_induction_toy', 'plant_anti_copy_head', 'planted_head_experiment', 'hf_bos_id', 'benchmark_pear',
-           'rag_vocab', 'rag_episodes', 'LearnedPositions', 'RagConfig', 'rag_config', 'rag_batches', 'rag_accuracy',
-           'rag_run', 'pear_full_run']
+           'detach_pear', 'copy_batches', 'train_coefficients', 'compare_backends', 'copy_accuracy', 'benchmark_pear',
+           'ToyConfig', 'train_induction_toy', 'plant_anti_copy_head', 'planted_head_experiment', 'rag_vocab',
+           'rag_episodes', 'LearnedPositions', 'RagConfig', 'rag_config', 'rag_batches', 'rag_accuracy', 'rag_run',
+           'pear_full_run', 'hf_bos_id']
 
 # %% ../nbs/07_pear.ipynb #111d84cb
 import dataclasses
@@ -535,6 +535,69 @@ def copy_accuracy(model: nn.Module, n: int, *, vocab_size: int, n_seqs: int = 25
     scored = batch.targets != IGNORE_INDEX
     return (logits.argmax(-1)[scored] == batch.targets[scored]).float().mean().item()
 
+# %% ../nbs/07_pear.ipynb #516d3852
+def _peak_memory(step) -> float:
+    "Peak CUDA memory (bytes) allocated during one call of `step()`, above what was allocated before."
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(); torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+def benchmark_pear(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192), d_model: int = 4096, n_heads: int = 32,
+                   dtype=torch.bfloat16) -> dict:
+    "GPU sweeps for `lmcourse.bench`: {'projection': ..., 'projection_memory': ..., 'fold_latency': ..., 'prescreen': ...}."
+    from lmcourse.bench import run_sweep
+    K, dev = d_model, "cuda"
+    w = torch.randn(d_model, K, device=dev, dtype=dtype) / math.sqrt(K)
+    providers = {"fused (triton)": head_scaled_linear, "column-scale + cuBLAS": head_scaled_linear_ref,
+                 "einsum [T, H, d] (released)": head_scaled_linear_einsum,
+                 "no coefficients (floor)": lambda z, w, tau: F.linear(z, w)}
+    def step(name, T):
+        z = torch.randn(T, K, device=dev, dtype=dtype, requires_grad=True)
+        tau = torch.ones(n_heads, device=dev, requires_grad=name != "no coefficients (floor)")
+        out = providers[name](z, w, tau)
+        g = torch.randn_like(out)
+        inputs = [z, tau] if tau.requires_grad else [z]
+        return (lambda: torch.autograd.grad(providers[name](z, w, tau), inputs, g)), None
+    flops = lambda T: 3 * 2 * T * d_model * K
+    io = lambda T: (T * K + d_model * K + T * d_model) * 2 + (T * d_model + T * K) * 2
+    projection = run_sweep({n: (lambda T, n=n: step(n, T)) for n in providers}, list(seq_lens), x_name="tokens",
+                           flops=flops, bytes_moved=io)
+    memory = {"x_name": "tokens", "rows": [{"tokens": 4096, "provider": n, "peak_bytes": _peak_memory(step(n, 4096)[0])}
+                                           for n in providers]}
+
+    cfg = ModelConfig(vocab_size=32_000, d_model=1024, n_layers=8, n_heads=8, max_seq_len=1024)
+    model = Transformer(cfg).to(dev, dtype).eval().requires_grad_(False)
+    tokens = torch.randint(3, cfg.vocab_size, (8, 1024), device=dev)
+    heads = [(l, h) for l in range(cfg.n_layers) for h in (0, 3)]
+    def forward_of(kind):
+        def make(_):
+            m = Transformer(cfg).to(dev, dtype).eval().requires_grad_(False)
+            m.load_state_dict(model.state_dict())
+            if kind == "folded": fold_pear(m, torch.rand(cfg.n_layers, cfg.n_heads))
+            if kind.startswith("attached"): attach_pear(m, heads, backend="triton" if "kernel" in kind else "reference")
+            return torch.no_grad()(lambda: m(tokens))
+        return make
+    kinds = ["original", "folded", "attached (kernel)", "attached (reference)"]
+    fold = run_sweep({k: forward_of(k) for k in kinds}, [8 * 1024], x_name="tokens", flops=lambda T: T * model.flops_per_token(1024) / 3)
+
+    L, R = 32, 100
+    zs = torch.randn(L, R, K, device=dev, dtype=dtype)
+    ws = [torch.randn(d_model, K, device=dev, dtype=dtype) / math.sqrt(K) for _ in range(L)]
+    rho = torch.randn(R, d_model, device=dev)
+    mean_z = zs.mean(1, keepdim=True)
+    def materialised():
+        per_head = torch.stack([torch.einsum("rhe,dhe->rhd", (mean_z[l] - zs[l]).unflatten(-1, (n_heads, -1)),
+                                             ws[l].unflatten(1, (n_heads, -1))) for l in range(L)], 1)   # [R, L, H, d]
+        return torch.einsum("rlhd,rd->rlh", per_head.float(), rho)
+    screen = {"kernel (one pass)": lambda _: (lambda: [dla_prescreen(zs[l], mean_z[l], rho, ws[l], n_heads) for l in range(L)]),
+              "einsum, per-head outputs": lambda _: materialised,
+              "algebraic torch": lambda _: (lambda: [((rho.to(dtype) @ ws[l]).float() * (mean_z[l] - zs[l]).float())
+                                                      .unflatten(-1, (n_heads, -1)).sum(-1) for l in range(L)])}
+    prescreen = run_sweep(screen, [R], x_name="rows", bytes_moved=lambda r: L * (d_model * K + 2 * r * K) * 2,
+                          flops=lambda r: L * 2 * r * d_model * K)
+    return {"projection": projection, "projection_memory": memory, "fold_latency": fold, "prescreen": prescreen}
+
 # %% ../nbs/07_pear.ipynb #ef41c7e8
 TOY_SETTINGS = ((20, 16), (40, 12), (80, 8), (100, 6))             # PEAR's batch sizes, copies the toy has seen
 
@@ -619,75 +682,6 @@ def planted_head_experiment(seed: int = 0, cfg: ToyConfig | None = None, device=
             "coefficients": coefficients,
             "accuracy": accuracy, "fold_error": fold_error, "tau_loss": history.train_loss,
             "seconds_train": seconds_train, "seconds": time.perf_counter() - start}
-
-# %% ../nbs/07_pear.ipynb #8e3c5088
-def hf_bos_id(model) -> int | None:
-    "The model's BOS token id if its vocabulary has one, else None (the proxy then starts with content)."
-    bos = getattr(model.config, "bos_token_id", None)
-    return bos if isinstance(bos, int) and 0 <= bos < model.config.vocab_size else None
-
-# %% ../nbs/07_pear.ipynb #516d3852
-def _peak_memory(step) -> float:
-    "Peak CUDA memory (bytes) allocated during one call of `step()`, above what was allocated before."
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(); torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-def benchmark_pear(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192), d_model: int = 4096, n_heads: int = 32,
-                   dtype=torch.bfloat16) -> dict:
-    "GPU sweeps for `lmcourse.bench`: {'projection': ..., 'projection_memory': ..., 'fold_latency': ..., 'prescreen': ...}."
-    from lmcourse.bench import run_sweep
-    K, dev = d_model, "cuda"
-    w = torch.randn(d_model, K, device=dev, dtype=dtype) / math.sqrt(K)
-    providers = {"fused (triton)": head_scaled_linear, "column-scale + cuBLAS": head_scaled_linear_ref,
-                 "einsum [T, H, d] (released)": head_scaled_linear_einsum,
-                 "no coefficients (floor)": lambda z, w, tau: F.linear(z, w)}
-    def step(name, T):
-        z = torch.randn(T, K, device=dev, dtype=dtype, requires_grad=True)
-        tau = torch.ones(n_heads, device=dev, requires_grad=name != "no coefficients (floor)")
-        out = providers[name](z, w, tau)
-        g = torch.randn_like(out)
-        inputs = [z, tau] if tau.requires_grad else [z]
-        return (lambda: torch.autograd.grad(providers[name](z, w, tau), inputs, g)), None
-    flops = lambda T: 3 * 2 * T * d_model * K
-    io = lambda T: (T * K + d_model * K + T * d_model) * 2 + (T * d_model + T * K) * 2
-    projection = run_sweep({n: (lambda T, n=n: step(n, T)) for n in providers}, list(seq_lens), x_name="tokens",
-                           flops=flops, bytes_moved=io)
-    memory = {"x_name": "tokens", "rows": [{"tokens": 4096, "provider": n, "peak_bytes": _peak_memory(step(n, 4096)[0])}
-                                           for n in providers]}
-
-    cfg = ModelConfig(vocab_size=32_000, d_model=1024, n_layers=8, n_heads=8, max_seq_len=1024)
-    model = Transformer(cfg).to(dev, dtype).eval().requires_grad_(False)
-    tokens = torch.randint(3, cfg.vocab_size, (8, 1024), device=dev)
-    heads = [(l, h) for l in range(cfg.n_layers) for h in (0, 3)]
-    def forward_of(kind):
-        def make(_):
-            m = Transformer(cfg).to(dev, dtype).eval().requires_grad_(False)
-            m.load_state_dict(model.state_dict())
-            if kind == "folded": fold_pear(m, torch.rand(cfg.n_layers, cfg.n_heads))
-            if kind.startswith("attached"): attach_pear(m, heads, backend="triton" if "kernel" in kind else "reference")
-            return torch.no_grad()(lambda: m(tokens))
-        return make
-    kinds = ["original", "folded", "attached (kernel)", "attached (reference)"]
-    fold = run_sweep({k: forward_of(k) for k in kinds}, [8 * 1024], x_name="tokens", flops=lambda T: T * model.flops_per_token(1024) / 3)
-
-    L, R = 32, 100
-    zs = torch.randn(L, R, K, device=dev, dtype=dtype)
-    ws = [torch.randn(d_model, K, device=dev, dtype=dtype) / math.sqrt(K) for _ in range(L)]
-    rho = torch.randn(R, d_model, device=dev)
-    mean_z = zs.mean(1, keepdim=True)
-    def materialised():
-        per_head = torch.stack([torch.einsum("rhe,dhe->rhd", (mean_z[l] - zs[l]).unflatten(-1, (n_heads, -1)),
-                                             ws[l].unflatten(1, (n_heads, -1))) for l in range(L)], 1)   # [R, L, H, d]
-        return torch.einsum("rlhd,rd->rlh", per_head.float(), rho)
-    screen = {"kernel (one pass)": lambda _: (lambda: [dla_prescreen(zs[l], mean_z[l], rho, ws[l], n_heads) for l in range(L)]),
-              "einsum, per-head outputs": lambda _: materialised,
-              "algebraic torch": lambda _: (lambda: [((rho.to(dtype) @ ws[l]).float() * (mean_z[l] - zs[l]).float())
-                                                      .unflatten(-1, (n_heads, -1)).sum(-1) for l in range(L)])}
-    prescreen = run_sweep(screen, [R], x_name="rows", bytes_moved=lambda r: L * (d_model * K + 2 * r * K) * 2,
-                          flops=lambda r: L * 2 * r * d_model * K)
-    return {"projection": projection, "projection_memory": memory, "fold_latency": fold, "prescreen": prescreen}
 
 # %% ../nbs/07_pear.ipynb #eb4b1a93
 RAG_WORDS = ("doc", ":", "question", "?", "answer")
@@ -859,3 +853,9 @@ def pear_full_run(seeds: Sequence[int] = (0,), cfg: RagConfig | None = None) -> 
     start = time.perf_counter()
     runs = [rag_run(positions, cfg, seed) for seed in seeds for positions in ("rope", "learned")]
     return {"runs": runs, "seconds": time.perf_counter() - start}
+
+# %% ../nbs/07_pear.ipynb #8e3c5088
+def hf_bos_id(model) -> int | None:
+    "The model's BOS token id if its vocabulary has one, else None (the proxy then starts with content)."
+    bos = getattr(model.config, "bos_token_id", None)
+    return bos if isinstance(bos, int) and 0 <= bos < model.config.vocab_size else None
