@@ -1,5 +1,5 @@
 """Tests of `lmcourse.pear`: the proxy task, the Triton kernels (interpreter on CPU) against float64 references at CPU
-and GPU tile shapes, their sm_90 compile, folding, the coefficient layers, the pre-screen, the planted-head experiment
+and GPU tile shapes, their sm_90 and sm_80 compile, folding, the coefficient layers, the pre-screen, the planted-head experiment
 over three seeds, and the RAG run's pipeline at toy sizes."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
@@ -176,7 +176,7 @@ def test_prescreen_kernel_matches_float64(config):
         dla_prescreen(z, mean_z[:, :-1], rho, w, H)
 
 
-# -- the sm_90 compile (until the engine's compile test covers this module) ---------------------------------------
+# -- the sm_90 / sm_80 compile (until the engine's compile test covers this module) ------------------------------
 COMPILE_SCRIPT = r"""
 import json, os, re, subprocess, sys, tempfile
 from pathlib import Path
@@ -185,12 +185,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import lmcourse.pear as pear
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-def compile_one(kernel, signature, constexprs, divisible, warps, stages):
+def compile_one(kernel, signature, constexprs, divisible, warps, stages, arch):
     import inspect
     names = list(inspect.signature(kernel.fn).parameters)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     k = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"]); f.flush()
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
@@ -199,44 +199,49 @@ def compile_one(kernel, signature, constexprs, divisible, warps, stages):
     return {"registers": reg, "spill": stack + local, "shared": k.metadata.shared + shared,
             "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx}
 records = []
-for dt in ("bf16", "fp16"):
+for arch, dt in [(a, d) for a in (90, 80) for d in ("bf16", "fp16")]:
     for c in pear.GPU_CONFIGS["forward"]:
         sig = {"z": f"*{dt}", "w": f"*{dt}", "tau": "*fp32", "bias": f"*{dt}", "out": f"*{dt}", "N": "i32", "d_out": "i32",
                "K": "i32", "stride_zn": "i32", "stride_wn": "i32", "stride_wk": "constexpr", "stride_on": "i32",
                "n_bucket": "i32", "D": "constexpr", "HAS_BIAS": "constexpr", **{k: "constexpr" for k in c.kwargs}}
         r = compile_one(pear._head_scaled_fwd_kernel, sig, {"stride_wk": 1, "D": 128, "HAS_BIAS": True, **c.kwargs},
-                        ("z", "w", "tau", "bias", "out", "d_out", "K", "stride_zn", "stride_wn", "stride_on"), c.num_warps, c.num_stages)
-        records.append({"kernel": "forward", "dtype": dt, **c.kwargs, **r})
+                        ("z", "w", "tau", "bias", "out", "d_out", "K", "stride_zn", "stride_wn", "stride_on"), c.num_warps, c.num_stages, arch)
+        records.append({"kernel": "forward", "arch": arch, "dtype": dt, **c.kwargs, **r})
     for c in pear.GPU_CONFIGS["backward"]:
         sig = {"dout": f"*{dt}", "w": f"*{dt}", "z": f"*{dt}", "tau": "*fp32", "dz": f"*{dt}", "dtau": "*fp32", "N": "i32",
                "d_out": "i32", "K": "i32", "stride_gn": "i32", "stride_wn": "i32", "stride_wk": "constexpr", "stride_zn": "i32",
                "stride_dzn": "i32", "n_bucket": "i32", "D": "constexpr", "COMPUTE_DZ": "constexpr", **{k: "constexpr" for k in c.kwargs}}
         r = compile_one(pear._head_scaled_bwd_kernel, sig, {"stride_wk": 1, "D": 128, "COMPUTE_DZ": True, **c.kwargs},
                         ("dout", "w", "z", "tau", "dz", "dtau", "d_out", "K", "stride_gn", "stride_wn", "stride_zn", "stride_dzn"),
-                        c.num_warps, c.num_stages)
-        records.append({"kernel": "backward", "dtype": dt, **c.kwargs, **r})
+                        c.num_warps, c.num_stages, arch)
+        records.append({"kernel": "backward", "arch": arch, "dtype": dt, **c.kwargs, **r})
     for c in pear.GPU_CONFIGS["prescreen"]:
         sig = {"z": f"*{dt}", "mu": f"*{dt}", "r": "*fp32", "w": f"*{dt}", "scores": "*fp32", "R": "i32", "d_model": "i32",
                "stride_zr": "i32", "stride_mur": "i32", "stride_rr": "i32", "stride_wn": "i32", "stride_wk": "constexpr",
                "stride_sr": "i32", "D": "constexpr", "BLOCK_D": "constexpr", **{k: "constexpr" for k in c.kwargs}}
         r = compile_one(pear._dla_prescreen_kernel, sig, {"stride_wk": 1, "D": 128, "BLOCK_D": 128, **c.kwargs},
-                        ("z", "mu", "r", "w", "scores", "d_model", "stride_zr", "stride_rr", "stride_wn"), c.num_warps, c.num_stages)
-        records.append({"kernel": "prescreen", "dtype": dt, **c.kwargs, **r})
+                        ("z", "mu", "r", "w", "scores", "d_model", "stride_zr", "stride_rr", "stride_wn"), c.num_warps, c.num_stages, arch)
+        records.append({"kernel": "prescreen", "arch": arch, "dtype": dt, **c.kwargs, **r})
 print(json.dumps(records))
 """
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    "Every GPU configuration, bf16 and fp16, head dim 128: compiles for sm_90, spills nothing, bf16 dots on wgmma."
+SHARED_LIMIT = {90: 232_448, 80: 166_912}                           # bytes of shared memory one block may use
+
+
+def test_kernels_compile_for_sm90_and_sm80_without_spills():
+    """Every GPU configuration, bf16 and fp16, head dim 128: compiles for sm_90 (H100/H200) and sm_80 (A100), spills
+    nothing, fits shared memory; bf16 dots on wgmma on sm_90 (mma.sync is all sm_80 has)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(records) == 2 * sum(len(v) for v in GPU_CONFIGS.values())
+    assert len(records) == 2 * 2 * sum(len(v) for v in GPU_CONFIGS.values())
     for r in records:
         assert r["spill"] == 0, r
-        assert r["shared"] <= 232_448, r
-        if r["dtype"] == "bf16": assert r["wgmma"] and not r["mma_sync"], r
+        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
+        if r["dtype"] == "bf16" and r["arch"] == 90: assert r["wgmma"] and not r["mma_sync"], r
+        if r["arch"] == 80: assert r["mma_sync"] and not r["wgmma"], r
     print("\n".join(json.dumps(r) for r in records))
 
 
