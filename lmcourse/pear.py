@@ -8,11 +8,11 @@ Docs: https://lmcourse.github.io/lmcourse/pear.html.md"""
 __all__ = ['PEAR_SETTINGS', 'GPU_CONFIGS', 'CPU_BLOCKS', 'TOY_SETTINGS', 'RAG_WORDS', 'proxy_task', 'copy_metric',
            'suppression_scores', 'top_heads', 'fold_pear', 'head_scaled_linear_ref', 'head_scaled_linear_einsum',
            'head_scaled_linear_short', 'HeadScaledLinearFunction', 'head_scaled_linear', 'dla_prescreen_ref',
-           'dla_prescreen', 'prescreen_scores', 'prescreen_top', 'PearOutput', 'attach_pear', 'pear_coefficients',
-           'detach_pear', 'copy_batches', 'train_coefficients', 'compare_backends', 'copy_accuracy', 'benchmark_pear',
-           'ToyConfig', 'train_induction_toy', 'plant_anti_copy_head', 'planted_head_experiment', 'rag_vocab',
-           'rag_episodes', 'LearnedPositions', 'RagConfig', 'rag_config', 'rag_batches', 'rag_accuracy', 'rag_run',
-           'pear_full_run', 'hf_bos_id']
+           'dla_prescreen', 'compile_cases', 'prescreen_scores', 'prescreen_top', 'PearOutput', 'attach_pear',
+           'pear_coefficients', 'detach_pear', 'copy_batches', 'train_coefficients', 'compare_backends',
+           'copy_accuracy', 'benchmark_pear', 'ToyConfig', 'train_induction_toy', 'plant_anti_copy_head',
+           'planted_head_experiment', 'rag_vocab', 'rag_episodes', 'LearnedPositions', 'RagConfig', 'rag_config',
+           'rag_batches', 'rag_accuracy', 'rag_run', 'pear_full_run', 'hf_bos_id']
 
 # %% ../nbs/07_pear.ipynb #111d84cb
 import dataclasses
@@ -31,7 +31,7 @@ from .data import BOS, FILLER, IGNORE_INDEX, Batch, KnowledgeBase, WordVocab, kn
 from .interp import (HookedHF, NoMLP, PathPatching, anatomy, direct_logit_attribution, logit_minus_mean,
                              minus_mean_weights, read_directions)
 from .model import ModelConfig, NoPositions, Transformer
-from .testing import alloc_output, triton_interpreted
+from .testing import CompileCase, alloc_output, autotuned, check_device, check_dtype, tile_kwargs
 from .train import TrainConfig, by_profile, train
 
 # %% ../nbs/07_pear.ipynb #be5121e5
@@ -194,9 +194,9 @@ def _head_scaled_bwd_kernel(dout, w, z, tau, dz, dtau,    # dout [N, d], w [d, K
 def _configs(shapes, names):
     return [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in shapes]
 
-# 128 × 128 with BLOCK_K = 64 at 8 warps spills 8 bytes in bf16 on sm_80 (re-casting z·τ needs the registers); with K
-# tiles of 32 over 4 stages it spills on neither target.
-_FWD_CONFIGS = _configs([(128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+# 128 × 128 and 128 × 256 with BLOCK_K = 64 at 8 warps spill 8 bytes in bf16 on sm_80 (re-casting z·τ needs the
+# registers); with K tiles of 32 over 4 stages they spill on neither target.
+_FWD_CONFIGS = _configs([(128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 32, 8, 4),
                          (64, 64, 64, 4, 4)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _BWD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
                         ("BLOCK_M", "BLOCK_K", "BLOCK_J"))
@@ -206,38 +206,25 @@ CPU_BLOCKS = {"forward": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
               "backward": {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_J": 32},
               "prescreen": {"BLOCK_R": 16, "BLOCK_J": 32}}
 
-def _tuned(kernel, configs, key):
-    "The kernel autotuned over `configs` on a GPU; unchanged in the interpreter (autotuning needs a driver)."
-    return triton.autotune(configs, key=key)(kernel) if torch.cuda.is_available() else kernel
-
-_head_scaled_fwd = _tuned(_head_scaled_fwd_kernel, _FWD_CONFIGS, ["n_bucket", "d_out", "K", "D", "HAS_BIAS"])
-_head_scaled_bwd = _tuned(_head_scaled_bwd_kernel, _BWD_CONFIGS, ["n_bucket", "d_out", "K", "D", "COMPUTE_DZ"])
+_head_scaled_fwd = autotuned(_FWD_CONFIGS, ["n_bucket", "d_out", "K", "D", "HAS_BIAS"])(_head_scaled_fwd_kernel)
+_head_scaled_bwd = autotuned(_BWD_CONFIGS, ["n_bucket", "d_out", "K", "D", "COMPUTE_DZ"])(_head_scaled_bwd_kernel)
 
 def _blocks(kind: str, device, config: int | None = None) -> dict:
-    """Launch keywords: none on a GPU (the autotuner picks), the interpreter's small tiles on the CPU, or GPU config
-    number `config` (modulo their count) of `GPU_CONFIGS[kind]`: a GPU tile shape in the interpreter, as the tests run."""
+    """Launch keywords: none on a GPU (the autotuner picks), the interpreter's small tiles on the CPU, the engine's
+    choice inside `lmcourse.testing.gpu_tiles` (the compile test), or GPU config number `config` (modulo their count)
+    of `GPU_CONFIGS[kind]`: a GPU tile shape in the interpreter, as the tests run."""
     if config is not None:
         c = GPU_CONFIGS[kind][config % len(GPU_CONFIGS[kind])]
         return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-    return {} if torch.device(device).type == "cuda" else dict(CPU_BLOCKS[kind])
+    return tile_kwargs(GPU_CONFIGS[kind], device, CPU_BLOCKS[kind])
 
 # %% ../nbs/07_pear.ipynb #28f67e3d
 def _check_head_scaled(z, weight, coefficients, bias):
     "Raise a clear error for anything the head-scaled projection kernels do not cover."
     for name, t in (("z", z), ("weight", weight), ("coefficients", coefficients)):
         if not torch.is_tensor(t): raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    tensors = [z, weight, coefficients] + ([bias] if bias is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted({str(t.device) for t in tensors})}")
-    if z.device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError("head_scaled_linear got CPU tensors but TRITON_INTERPRET is not '1': import lmcourse first "
-                           "(it enables the interpreter when no GPU is visible) or move the tensors to CUDA")
-    if z.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"head_scaled_linear runs on CUDA (or on the CPU through the Triton interpreter), not {z.device}")
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"head_scaled_linear supports float32, float16 and bfloat16, not {z.dtype}")
-    if z.dtype == torch.bfloat16 and z.device.type == "cpu":
-        raise ValueError("bfloat16 is computed wrongly by the Triton CPU interpreter: use float32 or float16 on CPU")
+    check_device(z, weight, coefficients, *([bias] if bias is not None else []), what="head_scaled_linear")
+    check_dtype(z, what="head_scaled_linear")                  # fp32, fp16, bf16; bf16 not in the interpreter
     if weight.dtype != z.dtype or (bias is not None and bias.dtype != z.dtype):
         raise ValueError(f"z, weight and bias must share a dtype, got {z.dtype}, {weight.dtype}"
                          + (f", {bias.dtype}" if bias is not None else ""))
@@ -329,7 +316,7 @@ def _dla_prescreen_kernel(z, mu, r, w, scores,            # z, mu [R, K] (mu: ro
     b_mu = tl.load(mu + o_r[:, None] * stride_mur + o_c[None, :], mask=m_re, other=0.0).to(tl.float32)
     tl.store(scores + o_r * stride_sr + i_h, tl.sum((b_mu - b_z) * b_q, 1), mask=m_r)
 
-_dla_prescreen = _tuned(_dla_prescreen_kernel, _DLA_CONFIGS, ["d_model", "D"])
+_dla_prescreen = autotuned(_DLA_CONFIGS, ["d_model", "D"])(_dla_prescreen_kernel)
 
 def dla_prescreen_ref(z: torch.Tensor, mean_z: torch.Tensor, directions: torch.Tensor, weight: torch.Tensor,
                       n_heads: int) -> torch.Tensor:
@@ -361,6 +348,24 @@ def dla_prescreen(z: torch.Tensor, mean_z: torch.Tensor, directions: torch.Tenso
                  mean_z.stride(0) if len(mean_z) > 1 else 0, directions.stride(0), weight.stride(0), weight.stride(1),
                  scores.stride(0), D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), **_blocks("prescreen", z.device, config))
     return scores
+
+# %% ../nbs/07_pear.ipynb #8ea2d0ed
+def compile_cases() -> list[CompileCase]:
+    "Representative GPU launches for the compile test: the projection forward + backward and the pre-screen, D = 128."
+    def launch(dtype: torch.dtype, bias: bool = False):
+        H, D, d = 4, 128, 512
+        z = torch.empty(64, H * D, dtype=dtype, requires_grad=True)                 # never read
+        w, tau = torch.empty(d, H * D, dtype=dtype), torch.ones(H, requires_grad=True)
+        out = head_scaled_linear(z, w, tau, torch.empty(d, dtype=dtype) if bias else None)
+        out.backward(torch.empty_like(out))
+        dla_prescreen(z.detach(), z.detach()[:1], torch.empty(64, d), w, H)
+    def short():                                          # the teaching kernel: fixed 32 × 32 tiles, fp16
+        head_scaled_linear_short(torch.empty(64, 512, dtype=torch.float16), torch.empty(512, 512, dtype=torch.float16),
+                                 torch.ones(4))
+    return [CompileCase("D=128", torch.bfloat16, lambda: launch(torch.bfloat16)),
+            CompileCase("D=128 bias (GPT-2)", torch.bfloat16, lambda: launch(torch.bfloat16, bias=True))] + [
+            CompileCase("D=128", dtype, lambda dtype=dtype: launch(dtype), configs=(0,)) for dtype in (torch.float16, torch.float32)
+           ] + [CompileCase("short kernel, D=128", torch.float16, short)]
 
 # %% ../nbs/07_pear.ipynb #e78ffcff
 @torch.no_grad()

@@ -1,25 +1,28 @@
-"""GPU work of the PEAR chapter (nbs/07_pear.ipynb); results go to results/pear/ through `lmcourse.bench.save_result`.
+"""GPU runs of the PEAR chapter (nbs/07_pear.ipynb, lmcourse.pear); results go to results/pear/*.json.
 
-On the GPU machine, from the repository root (`pip install --no-deps --no-build-isolation -e .` first):
-    python scripts/pear_gpu.py test            # tests/test_pear.py and tests/test_pear_hf.py on the GPU (bf16 included)
-    python scripts/pear_gpu.py check           # kernels vs float64 at GPU sizes, every dtype -> pear/gpu_check.json
-    python scripts/pear_gpu.py bench           # projection, projection_memory, fold_latency, prescreen
-    python scripts/pear_gpu.py full            # the RAG run, RoPE and learned positions -> pear/full_run.json
-None of these has been run yet (no GPU was available): their times are not known.
+Parts (see scripts/gpu.py and results/README.md):
+    make gpu-run CHAPTER=pear   # `full`, in this order while time remains (8 minutes):
+                                #  1. `bench`: at T = 4096, d = 4096 (32 heads of 128), bf16: the fused projection
+                                #     (fwd + bwd) vs the released einsum, column-scale + cuBLAS and the no-coefficient
+                                #     floor, with peak memory; folded vs original vs attached latency; the pre-screen
+                                #  2. the RAG run, RoPE and learned positions, seed 0
+                                #  3. the kernels vs float64 at GPU shapes in every dtype; 4. the sweep T = 1k ... 8k
+    python scripts/pear_gpu.py  # the same, in this process, no time limit
+`bench` belongs in `make gpu` (issue 16), but make gpu's 540 s are all given to other parts (`scripts/gpu.py
+--dry-run`): add `"bench": (45, bench)` to PARTS once a part is trimmed to make room. The kernels' correctness tests
+on the GPU are already the `tests` part of make gpu (tests/test_pear.py, marked `gpu`).
+
+Expected compile counts (nbs/07_pear.ipynb, "Compile and autotune counts"): bench, with LMCOURSE_AUTOTUNE_MAX=2,
+2 forward + 2 backward + 2 pre-screen configs = 6 compiles (~10 s), 4 autotune keys; check at most 120 compiles
+(every config, 3 dtypes, 4 shapes). None of these has been run yet (no GPU was available): the times are estimates.
 """
 import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the RAG run uses the full sizes
 
-import argparse
-import subprocess
-import sys
-import time
-
 import lmcourse  # noqa: F401  (first, as everywhere)
-import torch
 
-from lmcourse.bench import gpu_available, save_result
+from lmcourse.bench import save_result
 from lmcourse.pear import (benchmark_pear, dla_prescreen, dla_prescreen_ref, head_scaled_linear, head_scaled_linear_ref,
                            pear_full_run)
 from lmcourse.testing import check_against_reference, kernel_dtypes, random_tensors, rel_error, tolerance
@@ -54,29 +57,46 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="+", choices=["test", "check", "bench", "full"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    args = parser.parse_args()
-    if not gpu_available():
-        raise SystemExit("scripts/pear_gpu.py needs a CUDA GPU")
-    for part in args.parts:
-        start = time.perf_counter()
-        if part == "test":
-            code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_pear.py",
-                                    "tests/test_pear_hf.py"])
-            if code: raise SystemExit(code)
-        elif part == "check":
-            print("saved", save_result("pear", "gpu_check", gpu_check()))
-        elif part == "bench":
-            for name, result in benchmark_pear().items():
-                print("saved", save_result("pear", name, result))
-        else:
-            print("saved", save_result("pear", "full_run", pear_full_run(seeds=tuple(args.seeds))))
-        print(f"{part}: {time.perf_counter() - start:.0f} s", flush=True)
-        torch.cuda.empty_cache()
+def _save_benchmark(results: dict) -> list[dict]:
+    "Store `benchmark_pear`'s sweeps; summary rows at its largest T: fused vs einsum and cuBLAS, memory, folding."
+    for name, result in results.items():
+        print("saved", save_result("pear", name, result))
+    proj = results["projection"]["rows"]
+    T = max(r["tokens"] for r in proj)
+    ms = {r["provider"]: r["ms"] for r in proj if r["tokens"] == T}
+    peak = {r["provider"]: r["peak_bytes"] for r in results["projection_memory"]["rows"]}
+    lat = {r["provider"]: r["ms"] for r in results["fold_latency"]["rows"]}
+    return [{"metric": f"projection fwd+bwd T={T}: fused vs einsum, vs column-scale + cuBLAS",
+             "measured": f"{ms['einsum [T, H, d] (released)'] / ms['fused (triton)']:.2f}x, "
+                         f"{ms['column-scale + cuBLAS'] / ms['fused (triton)']:.2f}x", "target": "> 1x vs einsum (issue 16)"},
+            {"metric": "peak memory T=4096: einsum / fused", "measured": f"{peak['einsum [T, H, d] (released)'] / peak['fused (triton)']:.1f}x",
+             "target": "the einsum's [T, H, d] (≈ 1 GB) saved"},
+            {"metric": "latency folded / original", "measured": f"{lat['folded'] / lat['original']:.3f}",
+             "target": "1 within noise (zero overhead)"}]
 
+
+def bench(budget):
+    "The sweeps at T = 4096 only (about 45 s: 6 compiles with LMCOURSE_AUTOTUNE_MAX=2, ~40 timed points)."
+    return _save_benchmark(benchmark_pear(seq_lens=(4096,)))
+
+
+def full(budget):
+    "make gpu-run CHAPTER=pear: the benchmark at T = 4096, the RAG run, then the float64 check and the whole sweep."
+    rows = bench(budget)
+    print("saved", save_result("pear", "full_run", pear_full_run(seeds=(0,))))
+    rows.append({"metric": "full_run (RoPE, learned positions)", "measured": "results/pear/full_run.json", "target": "stored"})
+    if budget.left() < 150:
+        budget.skip("the kernels vs float64 at GPU shapes (pear/gpu_check.json)")
+    else:
+        print("saved", save_result("pear", "gpu_check", gpu_check()))
+    if budget.left() < 90:
+        budget.skip("the benchmark sweep at T = 1k ... 8k")
+        return rows
+    return rows + _save_benchmark(benchmark_pear())
+
+
+PARTS = {"full": (480, full)}   # seconds; see results/README.md, and the docstring for `bench`
 
 if __name__ == "__main__":
-    main()
+    from gpu import run_cli
+    run_cli(PARTS)

@@ -1,12 +1,10 @@
 """Tests of `lmcourse.pear`: the proxy task, the Triton kernels (interpreter on CPU) against float64 references at CPU
-and GPU tile shapes, their sm_90 and sm_80 compile, folding, the coefficient layers, the pre-screen, the planted-head experiment
-over three seeds, and the RAG run's pipeline at toy sizes."""
+and GPU tile shapes (their sm_90 / sm_80 compile is tests/test_gpu_compile.py's, from `compile_cases`), folding, the
+coefficient layers, the pre-screen, the planted-head experiment over three seeds, and the RAG run's pipeline at toy
+sizes. Tests marked `gpu` are the kernel checks `make gpu` runs on a GPU in every dtype."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -83,6 +81,7 @@ def test_proxy_task_layout_and_targets():
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE))
 @pytest.mark.parametrize("shape", [dict(N=77, d=100, H=5, D=24),          # a K step straddles heads; ragged everywhere
                                    dict(N=130, d=70, H=4, D=16, bias=True),
@@ -106,6 +105,7 @@ def test_head_scaled_linear_at_gpu_tile_shapes(index):
     check_projection(rows, d, heads, 16, bias=True, config=index)
 
 
+@pytest.mark.gpu
 def test_zero_and_negative_coefficients():
     "A head switched off (τ = 0) or inverted (τ < 0): its dz is exactly 0 or flipped, and dτ is still its gradient."
     (z, w), seed = random_tensors([(70, 5 * 24), (50, 5 * 24)], device=DEVICE)
@@ -117,10 +117,12 @@ def test_zero_and_negative_coefficients():
     assert (z_.grad[:, :24] == 0).all() and (z_.grad[:, 72:96] == 0).all()
 
 
+@pytest.mark.gpu
 def test_coefficient_gradient_alone_skips_dz():
     check_projection(130, 70, 4, 16, z_grad=False)
 
 
+@pytest.mark.gpu
 def test_short_kernel():
     (z, w), seed = random_tensors([(45, 48), (70, 48)], device=DEVICE)
     tau = torch.rand(3, device=DEVICE) + 0.5
@@ -162,6 +164,7 @@ def test_head_scaled_linear_errors():
             head_scaled_linear(z.to("meta"), w.to("meta"), tau.to("meta"))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", [None, *range(len(GPU_CONFIGS["prescreen"]))])
 def test_prescreen_kernel_matches_float64(config):
     R, H, D = (37, 5, 24) if config is None else (2 * GPU_CONFIGS["prescreen"][config].kwargs["BLOCK_R"] + 3, 3, 40)
@@ -174,75 +177,6 @@ def test_prescreen_kernel_matches_float64(config):
         elementwise_ok(got, want, tolerance(torch.float32, DEVICE))
     with pytest.raises(ValueError, match="shapes do not fit"):
         dla_prescreen(z, mean_z[:, :-1], rho, w, H)
-
-
-# -- the sm_90 / sm_80 compile (until the engine's compile test covers this module) ------------------------------
-COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import lmcourse.pear as pear
-tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-def compile_one(kernel, signature, constexprs, divisible, warps, stages, arch):
-    import inspect
-    names = list(inspect.signature(kernel.fn).parameters)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    k = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"]); f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    reg, stack, shared, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out).groups())
-    ptx = k.asm["ptx"]
-    return {"registers": reg, "spill": stack + local, "shared": k.metadata.shared + shared,
-            "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync" in ptx}
-records = []
-for arch, dt in [(a, d) for a in (90, 80) for d in ("bf16", "fp16")]:
-    for c in pear.GPU_CONFIGS["forward"]:
-        sig = {"z": f"*{dt}", "w": f"*{dt}", "tau": "*fp32", "bias": f"*{dt}", "out": f"*{dt}", "N": "i32", "d_out": "i32",
-               "K": "i32", "stride_zn": "i32", "stride_wn": "i32", "stride_wk": "constexpr", "stride_on": "i32",
-               "n_bucket": "i32", "D": "constexpr", "HAS_BIAS": "constexpr", **{k: "constexpr" for k in c.kwargs}}
-        r = compile_one(pear._head_scaled_fwd_kernel, sig, {"stride_wk": 1, "D": 128, "HAS_BIAS": True, **c.kwargs},
-                        ("z", "w", "tau", "bias", "out", "d_out", "K", "stride_zn", "stride_wn", "stride_on"), c.num_warps, c.num_stages, arch)
-        records.append({"kernel": "forward", "arch": arch, "dtype": dt, **c.kwargs, **r})
-    for c in pear.GPU_CONFIGS["backward"]:
-        sig = {"dout": f"*{dt}", "w": f"*{dt}", "z": f"*{dt}", "tau": "*fp32", "dz": f"*{dt}", "dtau": "*fp32", "N": "i32",
-               "d_out": "i32", "K": "i32", "stride_gn": "i32", "stride_wn": "i32", "stride_wk": "constexpr", "stride_zn": "i32",
-               "stride_dzn": "i32", "n_bucket": "i32", "D": "constexpr", "COMPUTE_DZ": "constexpr", **{k: "constexpr" for k in c.kwargs}}
-        r = compile_one(pear._head_scaled_bwd_kernel, sig, {"stride_wk": 1, "D": 128, "COMPUTE_DZ": True, **c.kwargs},
-                        ("dout", "w", "z", "tau", "dz", "dtau", "d_out", "K", "stride_gn", "stride_wn", "stride_zn", "stride_dzn"),
-                        c.num_warps, c.num_stages, arch)
-        records.append({"kernel": "backward", "arch": arch, "dtype": dt, **c.kwargs, **r})
-    for c in pear.GPU_CONFIGS["prescreen"]:
-        sig = {"z": f"*{dt}", "mu": f"*{dt}", "r": "*fp32", "w": f"*{dt}", "scores": "*fp32", "R": "i32", "d_model": "i32",
-               "stride_zr": "i32", "stride_mur": "i32", "stride_rr": "i32", "stride_wn": "i32", "stride_wk": "constexpr",
-               "stride_sr": "i32", "D": "constexpr", "BLOCK_D": "constexpr", **{k: "constexpr" for k in c.kwargs}}
-        r = compile_one(pear._dla_prescreen_kernel, sig, {"stride_wk": 1, "D": 128, "BLOCK_D": 128, **c.kwargs},
-                        ("z", "mu", "r", "w", "scores", "d_model", "stride_zr", "stride_rr", "stride_wn"), c.num_warps, c.num_stages, arch)
-        records.append({"kernel": "prescreen", "arch": arch, "dtype": dt, **c.kwargs, **r})
-print(json.dumps(records))
-"""
-
-
-SHARED_LIMIT = {90: 232_448, 80: 166_912}                           # bytes of shared memory one block may use
-
-
-def test_kernels_compile_for_sm90_and_sm80_without_spills():
-    """Every GPU configuration, bf16 and fp16, head dim 128: compiles for sm_90 (H100/H200) and sm_80 (A100), spills
-    nothing, fits shared memory; bf16 dots on wgmma on sm_90 (mma.sync is all sm_80 has)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(records) == 2 * 2 * sum(len(v) for v in GPU_CONFIGS.values())
-    for r in records:
-        assert r["spill"] == 0, r
-        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
-        if r["dtype"] == "bf16" and r["arch"] == 90: assert r["wgmma"] and not r["mma_sync"], r
-        if r["arch"] == 80: assert r["mma_sync"] and not r["wgmma"], r
-    print("\n".join(json.dumps(r) for r in records))
 
 
 # -- folding and the coefficient layers -------------------------------------------------------------------------------
@@ -411,6 +345,7 @@ def test_rag_run_pipeline_at_toy_sizes(positions):
 
 
 # -- GPU only ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on a GPU (the interpreter computes it wrongly)")
 @pytest.mark.parametrize("shape", [dict(N=4096, d=4096, H=32, D=128), dict(N=1000, d=1536, H=12, D=128, bias=True),
                                    dict(N=777, d=1000, H=10, D=80)])
