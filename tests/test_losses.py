@@ -144,6 +144,18 @@ def test_bad_inputs_raise_clear_errors():
             fused_linear_cross_entropy(x.to("meta"), w.to("meta"), y.to("meta"))
 
 
+def test_final_hidden_takes_the_bodys_input():
+    from lmcourse.model import ModelConfig, Transformer
+    from lmcourse.losses import final_hidden
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    tokens = torch.randint(0, 50, (2, 11))
+    other = torch.randint(0, 50, (2, 11))
+    assert torch.equal(final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)), final_hidden(lm, other))
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, T, d\]"):
+        final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)[:, :5])
+
+
 def test_hugging_face_causal_lm_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
