@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .testing import (alloc_output, assert_close, kernel_device, poisoned_outputs, random_tensors, tolerance,
-                              triton_interpreted)
+from .testing import (alloc_output, assert_close, check_kernel_device, kernel_device, poisoned_outputs,
+                              random_tensors, tolerance)
 
 # %% ../nbs/00h_losses.ipynb #a60ec9c2
 IGNORE_INDEX = -100
@@ -350,16 +350,7 @@ def _check_inputs(hidden, weight, targets, scale, ignore_index, reduction, segme
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"fused_linear_cross_entropy supports float32, float16 and bfloat16, not {hidden.dtype}")
-    devices = {hidden.device, weight.device, targets.device} | ({scale.device} if scale is not None else set())
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    if hidden.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"fused_linear_cross_entropy runs on CUDA (or on CPU through the Triton interpreter), not {hidden.device}")
-    if hidden.device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError("CPU tensors need the Triton interpreter: import lmcourse first (it sets TRITON_INTERPRET=1 "
-                           "when no GPU is visible) or move the tensors to CUDA")
-    if hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu":
-        raise ValueError("bfloat16 is computed wrongly by the Triton CPU interpreter: use float32 or float16 on CPU")
+    check_kernel_device("fused_linear_cross_entropy", hidden, weight, targets, *([scale] if scale is not None else []))
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int):

@@ -31,8 +31,8 @@ import triton.language as tl
 from .data import BOS, FILLER, IGNORE_INDEX, SEP, Batch, WordVocab, register_task
 from .losses import final_hidden, fused_linear_cross_entropy, linear_cross_entropy_ref
 from .model import ModelConfig, Transformer
-from .testing import (alloc_output, assert_close, fresh_seed, kernel_device, poisoned_outputs, tolerance,
-                              triton_interpreted)
+from .testing import (alloc_output, assert_close, check_kernel_device, fresh_seed, kernel_device,
+                              poisoned_outputs, tolerance)
 from .train import Callback, TrainConfig, by_profile, train
 
 # %% ../nbs/10_masked_thought.ipynb #90dbc2ef
@@ -208,15 +208,7 @@ def _check_inputs(ids, weight, corruptible, rate, seed, step, replacement):
         raise ValueError(f"corruptible must be a bool tensor shaped like ids {tuple(ids.shape)}, got {corruptible.dtype} {tuple(corruptible.shape)}")
     if weight.dim() != 2 or weight.shape[1] < 1: raise ValueError(f"weight must be [V, D] with D ≥ 1, got {tuple(weight.shape)}")
     if weight.dtype not in WEIGHT_DTYPES: raise ValueError(f"weight must be float32, float16 or bfloat16, not {weight.dtype}")
-    devices = {t.device for t in (ids, weight, corruptible, replacement)}
-    if len(devices) != 1: raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if weight.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"noisy_embedding runs on CUDA (or on CPU through the Triton interpreter), not {weight.device}")
-    if weight.device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError("CPU tensors need the Triton interpreter: import lmcourse first (it sets TRITON_INTERPRET=1 when no "
-                           "GPU is visible) or move the tensors to CUDA")
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        raise ValueError("bfloat16 is computed wrongly by the Triton CPU interpreter: use float32 or float16 on CPU")
+    check_kernel_device("noisy_embedding", ids, weight, corruptible, replacement)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:

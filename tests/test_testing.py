@@ -3,8 +3,8 @@ import lmcourse  # noqa: F401
 import pytest
 import torch
 
-from lmcourse.testing import (alloc_output, assert_close, check_against_reference, poisoned_outputs, random_tensors,
-                              rel_error, tolerance)
+from lmcourse.testing import (alloc_output, assert_close, check_against_reference, check_kernel_device, poisoned_outputs,
+                              random_tensors, rel_error, tolerance)
 
 
 def test_rel_error_and_poison():
@@ -40,3 +40,18 @@ def test_check_catches_wrong_gradient_and_unwritten_output():
         check_against_reference(half_written, lambda t: t * 2, [x], grad=False, seed=seed)
     with pytest.raises(AssertionError, match="exceeds tolerance"):
         assert_close(x + 1, x)
+
+
+def test_check_kernel_device(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")          # CPU tensors, also on a GPU machine
+    x = torch.zeros(3)
+    assert check_kernel_device("k", x, x.long(), x.bool()) == x.device
+    with pytest.raises(ValueError, match="one device"):
+        check_kernel_device("k", x, x.to("meta"))
+    with pytest.raises(ValueError, match="k runs on CUDA .* not meta"):
+        check_kernel_device("k", x.to("meta"))
+    with pytest.raises(ValueError, match="bfloat16"):
+        check_kernel_device("k", x, x.bfloat16())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need the Triton interpreter"):
+        check_kernel_device("k", x)
