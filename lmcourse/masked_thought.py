@@ -9,11 +9,12 @@ __all__ = ['RAMP_FRACTION', 'MASK32', 'PHILOX_KEY_A', 'PHILOX_KEY_B', 'PHILOX_RO
            'CPU_BLOCKS', 'GPU_CONFIGS', 'MAX_TOKENS', 'WEIGHT_DTYPES', 'NAMES', 'ITEMS', 'OPS', 'STYLES', 'VOCAB',
            'MASK', 'SPECIAL_IDS', 'ARMS', 'mask_rate', 'philox4x32', 'token_draws', 'uniform24', 'NoisyEmbedding',
            'replacement_ids', 'noisy_ids_ref', 'noisy_embedding_ref', 'gpu_config', 'NoisyEmbeddingFunction',
-           'noisy_embedding', 'check_noisy_embedding', 'noisy_embedding_eager', 'benchmark_noisy_embedding',
-           'WordProblem', 'word_problems', 'encode_problem', 'problem_batch', 'word_problem_task',
-           'reasoning_positions', 'MaskedThoughtConfig', 'masked_thought_loss', 'init_mask_row', 'parse_answer',
-           'solve', 'accuracy', 'heldout_loss', 'corruption_gap', 'question_reliance', 'MaskedThoughtExperiment',
-           'masked_thought_experiment_config', 'run_masked_thought_experiment', 'summarize', 'hf_masked_thought_loss']
+           'noisy_embedding', 'check_noisy_embedding', 'compile_cases', 'noisy_embedding_eager',
+           'benchmark_noisy_embedding', 'WordProblem', 'word_problems', 'encode_problem', 'problem_batch',
+           'word_problem_task', 'reasoning_positions', 'MaskedThoughtConfig', 'masked_thought_loss', 'init_mask_row',
+           'parse_answer', 'solve', 'accuracy', 'heldout_loss', 'corruption_gap', 'question_reliance',
+           'MaskedThoughtExperiment', 'masked_thought_experiment_config', 'run_masked_thought_experiment', 'summarize',
+           'hf_masked_thought_loss']
 
 # %% ../nbs/10_masked_thought.ipynb #af24a5ea
 import copy
@@ -31,8 +32,8 @@ import triton.language as tl
 from .data import BOS, FILLER, IGNORE_INDEX, SEP, Batch, WordVocab, register_task
 from .losses import final_hidden, fused_linear_cross_entropy, linear_cross_entropy_ref
 from .model import ModelConfig, Transformer
-from .testing import (alloc_output, assert_close, check_kernel_device, fresh_seed, kernel_device,
-                              poisoned_outputs, tolerance)
+from .testing import (CompileCase, alloc_output, assert_close, check_device, check_dtype, fresh_seed,
+                              kernel_device, poisoned_outputs, tolerance)
 from .train import Callback, TrainConfig, by_profile, train
 
 # %% ../nbs/10_masked_thought.ipynb #90dbc2ef
@@ -208,7 +209,8 @@ def _check_inputs(ids, weight, corruptible, rate, seed, step, replacement):
         raise ValueError(f"corruptible must be a bool tensor shaped like ids {tuple(ids.shape)}, got {corruptible.dtype} {tuple(corruptible.shape)}")
     if weight.dim() != 2 or weight.shape[1] < 1: raise ValueError(f"weight must be [V, D] with D ≥ 1, got {tuple(weight.shape)}")
     if weight.dtype not in WEIGHT_DTYPES: raise ValueError(f"weight must be float32, float16 or bfloat16, not {weight.dtype}")
-    check_kernel_device("noisy_embedding", ids, weight, corruptible, replacement)
+    check_device(ids, weight, corruptible, replacement, what="noisy_embedding")
+    check_dtype(weight, WEIGHT_DTYPES, what="noisy_embedding")     # bf16: sm_80 or newer, not in the interpreter
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
@@ -300,6 +302,19 @@ def check_noisy_embedding(shape: Sequence[int], V: int, D: int, *, rate: float =
                                                                    upstream.to(dtype).double().reshape(-1, D))
     return {"corrupted": out.corrupted.float().sum().item() / max(1, corruptible.sum().item()),
             "dW": assert_close(d_weight, expected, tolerance(dtype, device), "dW", seed)}
+
+# %% ../nbs/10_masked_thought.ipynb #d3418948
+def compile_cases() -> list[CompileCase]:
+    "Representative GPU launches for the compile test: forward and backward at d = 4096, bf16 at every GPU config, fp16/fp32 at one."
+    def launch(dtype: torch.dtype, i: int):
+        ids, corruptible = torch.zeros(1024, dtype=torch.long), torch.zeros(1024, dtype=torch.bool)   # never read
+        weight = torch.empty(64, 4096, dtype=dtype, requires_grad=True)
+        with gpu_config(i):
+            out = noisy_embedding(ids, weight, corruptible, 0.4, seed=2 ** 40 + 3, step=5,   # a 64-bit seed, as in training
+                                  replacement=replacement_ids(64, (0, 1, 2)))
+            out.embeddings.backward(torch.empty_like(out.embeddings))
+    return ([CompileCase(f"d=4096 config {i}", torch.bfloat16, lambda i=i: launch(torch.bfloat16, i)) for i in range(len(GPU_CONFIGS))]
+            + [CompileCase("d=4096 config 0", dtype, lambda dtype=dtype: launch(dtype, 0)) for dtype in (torch.float16, torch.float32)])
 
 # %% ../nbs/10_masked_thought.ipynb #bc562ae3
 def noisy_embedding_eager(ids, weight, corruptible, rate: float, *, replacement, generator=None):

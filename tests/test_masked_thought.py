@@ -1,16 +1,13 @@
 """Tests of `lmcourse.masked_thought`: the schedule, Philox in PyTorch against Triton's, the fused noisy-embedding
 kernels (interpreter on CPU) against the reference — odd sizes, several blocks in every dimension, the GPU tile
-shapes, poisoned outputs, the corruption's statistics and determinism, special ids, bad input — the sm_90/sm_80
-compile of every GPU configuration, the word problems, the loss (clean labels, SFT at rate 0, the loop's step), the
+shapes, poisoned outputs, the corruption's statistics and determinism, special ids, bad input (the sm_90/sm_80
+compile is tests/test_gpu_compile.py, from `compile_cases`), the word problems, the loss (clean labels, SFT at rate 0, the loop's step), the
 Hugging Face adapter, and the experiment at a tiny size."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -57,6 +54,7 @@ def _philox_kernel(out, n, seed, step, BLOCK: tl.constexpr):
     tl.store(out + 3 * n + o, r3.to(tl.int64), mask=m)
 
 
+@pytest.mark.gpu
 def test_philox_reference_equals_triton_bit_for_bit():
     rng = random.Random(fresh_seed())
     for seed, step in ((rng.getrandbits(63), rng.getrandbits(31)), (0, 0), (1, 1), (2 ** 63 - 1, 2 ** 31 - 1)):
@@ -91,16 +89,19 @@ CASES = [dict(shape=(3, 97), V=61, D=200),                   # 2 token blocks, 4
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.gpu
 def test_matches_reference(case):
     check_noisy_embedding(**case)
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
+@pytest.mark.gpu
 def test_dtypes(dtype):
     check_noisy_embedding((5, 77), V=129, D=96, dtype=dtype)
 
 
 @pytest.mark.parametrize("i", range(len(GPU_CONFIGS)))
+@pytest.mark.gpu
 def test_gpu_tile_shapes_in_interpreter(i):
     block_t, block_d = GPU_CONFIGS[i].kwargs["BLOCK_T"], GPU_CONFIGS[i].kwargs["BLOCK_D"]
     with gpu_config(i):
@@ -108,6 +109,7 @@ def test_gpu_tile_shapes_in_interpreter(i):
             check_noisy_embedding((3 * block_t + 5,), V=17, D=2 * block_d + 3, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_corruption_does_not_depend_on_the_block_size():
     g = torch.Generator().manual_seed(fresh_seed())
     ids = torch.randint(0, 50, (4, 211), generator=g).to(DEVICE)
@@ -123,6 +125,7 @@ def test_corruption_does_not_depend_on_the_block_size():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4])
+@pytest.mark.gpu
 def test_corruption_statistics(p):
     n, V = 100_000, 103
     g = torch.Generator().manual_seed(fresh_seed())
@@ -143,6 +146,7 @@ def test_corruption_statistics(p):
     assert abs(chi2 - dof) < 5 * math.sqrt(2 * dof), (chi2, dof)
 
 
+@pytest.mark.gpu
 def test_determinism_by_seed_and_step():
     ids = torch.randint(0, 40, (3, 50), device=DEVICE)
     c = torch.ones(3, 50, dtype=torch.bool, device=DEVICE)
@@ -154,6 +158,7 @@ def test_determinism_by_seed_and_step():
     assert not torch.equal(draw(2 ** 40, 7), draw(2 ** 40 + 2 ** 33, 7))    # the seed's high word counts too
 
 
+@pytest.mark.gpu
 def test_poisoned_outputs_are_overwritten_and_the_input_is_untouched():
     # check_noisy_embedding runs under poisoned_outputs (NaN / max-int buffers); the inputs must not change either
     ids = torch.randint(0, 30, (2, 40), device=DEVICE)
@@ -190,54 +195,6 @@ def test_bad_inputs_raise_clear_errors():
         replacement_ids(3, (0, 1, 2))
     with pytest.raises(ValueError, match="special ids must lie"):
         replacement_ids(3, (5,))
-
-
-# -- the compile test: every GPU configuration for sm_90 and sm_80 ----------------------------------------------
-_COMPILE = r"""
-import json, re, subprocess, sys, tempfile
-from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import lmcourse.masked_thought as mt
-tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-def compile_one(kernel, sig, consts, warps, stages, cap):
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
-    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"]); f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack, shared, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out).groups())
-    return {"registers": reg, "spill_bytes": stack + local}
-rows = []
-for cap in (90, 80):
-    for dt in ("bf16", "fp16", "fp32"):
-        for c in mt.GPU_CONFIGS:
-            blocks = dict(c.kwargs)
-            fwd = dict(ids="*i64", corruptible="*u8", replacement="*i32", weight=f"*{dt}", out=f"*{dt}", used="*i32",
-                       corrupted="*i8", N="i32", D="i32", n_replacement="i32", stride_w="i32", stride_o="i32", rate="fp32",
-                       seed="i64", step="i32", BLOCK_T="constexpr", BLOCK_D="constexpr")
-            bwd = dict(d_out=f"*{dt}", used="*i32", d_weight="*fp32", N="i32", D="i32", stride_do="i32", stride_dw="i32",
-                       BLOCK_T="constexpr", BLOCK_D="constexpr")
-            for name, kernel, sig in (("fwd", mt._noisy_embedding_fwd_kernel, fwd), ("bwd", mt._noisy_embedding_bwd_kernel, bwd)):
-                r = compile_one(kernel, sig, blocks, c.num_warps, c.num_stages, cap)
-                rows.append({"kernel": name, "sm": cap, "dtype": dt, **blocks, "num_warps": c.num_warps, **r})
-print(json.dumps(rows))
-"""
-
-
-def test_every_gpu_config_compiles_for_sm90_and_sm80_without_spills():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * 3 * len(GPU_CONFIGS) * 2
-    print("\nkernel sm dtype BLOCK_T BLOCK_D warps registers spills")
-    for r in rows:
-        print(r["kernel"], r["sm"], r["dtype"], r["BLOCK_T"], r["BLOCK_D"], r["num_warps"], r["registers"], r["spill_bytes"])
-    assert not [r for r in rows if r["spill_bytes"]], "register spills"
 
 
 # -- word problems --------------------------------------------------------------------------------------------
@@ -315,6 +272,7 @@ def test_loss_is_sft_at_rate_zero_and_keeps_labels_clean():
     assert torch.equal(used[prompt], b.inputs[prompt].int())                     # the question is never corrupted
 
 
+@pytest.mark.gpu
 def test_triton_and_reference_paths_agree():
     model = _model(layers=1)
     b = make_task("word_problems", 3, seed=6)
