@@ -1,11 +1,10 @@
 """GPU work of the Masked Thought chapter (nbs/10_masked_thought.ipynb); results go to results/masked_thought/.
 
-    python scripts/masked_thought_gpu.py test     # tests/test_masked_thought.py on the GPU (bf16 included), ~1 min (estimated)
     python scripts/masked_thought_gpu.py check    # kernel vs reference at realistic shapes, fp32/fp16/bf16 -> gpu_check.json
     python scripts/masked_thought_gpu.py bench    # fused vs eager vs torch.compile, 8k-64k tokens, d = 4096 -> forward.json, backward.json
     python scripts/masked_thought_gpu.py full     # pretrain + 5 arms x 3 seeds, <= 8 min (estimated) -> full.json
-    python scripts/masked_thought_gpu.py full --arms sft "mft 0.4" --seeds 0   # a cheaper subset
-    python scripts/masked_thought_gpu.py all      # test, check, bench (not full)
+    python scripts/masked_thought_gpu.py          # all three (the kernel tests: make gpu's `tests` part, or
+                                                  # pytest -m gpu tests/test_masked_thought.py)
 
 None of these has been run yet: no GPU was available when the chapter was written. Needs only torch, triton and the
 package (`pip install --no-deps --no-build-isolation -e .`). `make gpu-run CHAPTER=masked_thought` runs `full` (PARTS
@@ -15,17 +14,13 @@ import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")
 
-import argparse
-import dataclasses
-import subprocess
-import sys
 import time
 
 import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET when no GPU is visible)
 import torch
 
 from lmcourse.bench import save_result, speedups
-from lmcourse.masked_thought import (ARMS, benchmark_noisy_embedding, check_noisy_embedding, masked_thought_experiment_config,
+from lmcourse.masked_thought import (benchmark_noisy_embedding, check_noisy_embedding, masked_thought_experiment_config,
                                      run_masked_thought_experiment, summarize)
 from lmcourse.testing import kernel_dtypes
 
@@ -34,7 +29,7 @@ CHECK_CASES = [dict(shape=(8, 1024), V=32_000, D=1024), dict(shape=(3, 1001), V=
                dict(shape=(4096,), V=128_256, D=512), dict(shape=(2, 999), V=257, D=4096, ids_dtype=torch.int32)]
 
 
-def gpu_check() -> dict:
+def check(budget):
     "Every check case in every dtype: used ids, corruption and rows bit-exact vs the reference (same Philox), dW vs float64."
     rows = []
     for dtype in kernel_dtypes("cuda"):
@@ -44,8 +39,20 @@ def gpu_check() -> dict:
             rows.append({"dtype": str(dtype), **{k: str(v) for k, v in case.items()}, **errors,
                          "seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
-    return {"rows": rows, "note": "the same seed gives the same corruption as the PyTorch reference, which the CPU "
-                                  "interpreter matches bit for bit (tests/test_masked_thought.py)"}
+    print("saved", save_result("masked_thought", "gpu_check", {
+        "rows": rows, "note": "the same seed gives the same corruption as the PyTorch reference, which the CPU "
+                              "interpreter matches bit for bit (tests/test_masked_thought.py)"}))
+    return [{"metric": f"dW rel. error {r['dtype']} {r['shape']}", "measured": r["dW"], "target": "within tolerance"} for r in rows]
+
+
+def bench(budget):
+    "The sweep at d = 4096, V = 32k, 8k-64k tokens: forward and forward+backward, 4 providers."
+    rows = []
+    for name, result in benchmark_noisy_embedding().items():
+        print("saved", save_result("masked_thought", name, result))
+        rows += [{"metric": f"{name} vs eager", "measured": row, "target": ">= 1.0"}
+                 for row in speedups(result, "eager (rand + where + embedding)")]
+    return rows
 
 
 def full(budget, seed: int = 0):
@@ -59,43 +66,10 @@ def full(budget, seed: int = 0):
 
 
 PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=masked_thought
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["test", "check", "bench", "full", "all"])
-    ap.add_argument("--seed", type=int, default=0, help="the base seed of the full run (pretraining, data)")
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=None)
-    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds of the full run")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: this script only runs on a GPU machine")
-    parts = ["test", "check", "bench"] if args.what == "all" else [args.what]
-    failed = False
-    for part in parts:
-        start = time.perf_counter()
-        if part == "test":
-            failed |= subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                       "tests/test_masked_thought.py"]) != 0
-        elif part == "check":
-            print("saved", save_result("masked_thought", "gpu_check", gpu_check()))
-        elif part == "bench":
-            for name, result in benchmark_noisy_embedding().items():
-                print("saved", save_result("masked_thought", name, result))
-                for row in speedups(result, "eager (rand + where + embedding)"):
-                    print(name, row)
-        else:
-            cfg = masked_thought_experiment_config()
-            if args.arms: cfg = dataclasses.replace(cfg, arms=tuple(args.arms))
-            if args.seeds: cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
-            result = run_masked_thought_experiment(cfg, base_seed=args.seed)
-            result["seconds"] = time.perf_counter() - start
-            print("saved", save_result("masked_thought", "full", result), f"{result['seconds']:.0f} s")
-            for row in summarize(result):
-                print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-        print(f"{part}: {time.perf_counter() - start:.0f} s", flush=True)
-    sys.exit(1 if failed else 0)
-
+BY_HAND = {"check": (60, check), "bench": (60, bench)}   # no make gpu budget yet (estimated seconds)
 
 if __name__ == "__main__":
-    main()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this script only runs on a GPU machine")
+    from gpu import run_cli
+    run_cli({**BY_HAND, **PARTS})
