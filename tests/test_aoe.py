@@ -37,6 +37,7 @@ def _gate_outputs(fn, k):
     return lambda x, w: [fn(x, w, k)[i] for i in (0, 1, 3, 5)]   # cache, norms, weights, prob_sum
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,d,n,r,k", [(37, 32, 5, 8, 2), (16, 24, 8, 20, 1), (33, 16, 4, 16, 3), (70, 40, 3, 72, 2)])
 def test_aoe_gate_matches_reference(T, d, n, r, k):
     (x, w), seed = random_tensors([(T, d), (n, d, r)], device=DEV)
@@ -48,6 +49,7 @@ def test_aoe_gate_matches_reference(T, d, n, r, k):
     check_against_reference(_gate_outputs(aoe_gate, k), _gate_outputs(aoe_gate_reference, k), [x, w], seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_aoe_gate_dtypes(dtype):
     (x, w), seed = random_tensors([(24, 32), (4, 32, 16)], device=DEV, dtype=dtype)
@@ -76,6 +78,7 @@ def _routing(T, n, k, seed, empty_expert=None):
 @pytest.mark.parametrize("layout", ["aoe", "moe"])
 @pytest.mark.parametrize("T,d,n,R,D,k,empty", [(37, 32, 5, 8, 40, 2, None), (29, 24, 4, 24, 33, 1, None),
                                                  (20, 16, 4, 16, 48, 2, 2)])
+@pytest.mark.gpu
 def test_grouped_swiglu_matches_reference(layout, T, d, n, R, D, k, empty):
     if layout == "moe": R = d
     sort = _routing(T, n, k, seed=T + n, empty_expert=empty)
@@ -89,6 +92,7 @@ def test_grouped_swiglu_matches_reference(layout, T, d, n, R, D, k, empty):
     check_against_reference(wrap(grouped_swiglu), wrap(grouped_swiglu_reference), inputs, seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_grouped_swiglu_dtypes(dtype):
     T, d, n, R, D = 24, 32, 4, 16, 32
@@ -119,6 +123,7 @@ def test_grouped_swiglu_rejects_bad_shapes():
         grouped_swiglu(x, x, wg, wp, wo, sort.tokens, sort.tokens, sort.offsets)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["aoe", "moe"])
 def test_layer_triton_equals_torch_in_a_transformer(kind):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ffn=64, max_seq_len=32)
