@@ -29,15 +29,18 @@ from .testing import (CompileCase, KnownFailure, alloc_output, assert_close, gpu
 # %% ../nbs/01_polarquant.ipynb #a6cb088a
 def structured_keys(n_tokens: int = 1024, head_dim: int = 64, n_heads: int = 2, *, batch: int = 1,
                     n_outlier_pairs: int = 4, outlier_scale: float = 15.0, outlier_channel: int = 1,
-                    layout: str = "half", rope_base: float = 10_000.0, seed: int = 0) -> torch.Tensor:
+                    first_outlier_pair: int | None = None, layout: str = "half", rope_base: float = 10_000.0,
+                    seed: int = 0) -> torch.Tensor:
     """Post-RoPE keys (or queries) [B, H, T, D] with trained-model structure, generated offline.
 
     Pre-RoPE: N(0, 1) in every channel, plus `outlier_scale` added to channel `outlier_channel` (0 or 1)
-    of each of the `n_outlier_pairs` lowest-frequency RoPE pairs; then RoPE at positions 0 … T−1."""
+    of `n_outlier_pairs` RoPE pairs from `first_outlier_pair` on (default: the lowest-frequency ones, as in
+    trained models); then RoPE at positions 0 … T−1."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n_heads, n_tokens, head_dim, generator=g)
     pairs = rope_pairs(head_dim, layout)                      # pair j rotates with θ_j = base^(−2j/D): last = slowest
-    x[..., pairs[head_dim // 2 - n_outlier_pairs:, outlier_channel]] += outlier_scale
+    first = head_dim // 2 - n_outlier_pairs if first_outlier_pair is None else first_outlier_pair
+    x[..., pairs[first:first + n_outlier_pairs, outlier_channel]] += outlier_scale
     return apply_rotary(x, torch.arange(n_tokens), rope_frequencies(head_dim, rope_base), layout)
 
 # %% ../nbs/01_polarquant.ipynb #7b54b528
