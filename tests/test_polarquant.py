@@ -157,6 +157,16 @@ def test_smoke_polar_beats_per_token_int4(seed):
     assert r["bf16"]["kl"] == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_polar_beats_kivi_when_outliers_rotate_fast(seed):
+    "Outliers in the fastest pairs sweep each channel's full range inside a block: KIVI's per-channel range pays."
+    keys = structured_keys(1024, 64, 2, first_outlier_pair=0, seed=seed)
+    r = attention_errors(keys, structured_keys(8, 64, 4, first_outlier_pair=0, seed=100 + seed), seed=seed)
+    assert r["polar 4/4"]["kl"] < 0.5 * r["kivi 4-bit"]["kl"], r
+    default = structured_keys(64, 64, 1, seed=seed)                         # default: the 4 slowest of 32 pairs
+    assert torch.equal(default, structured_keys(64, 64, 1, first_outlier_pair=28, seed=seed))
+
+
 # -- Triton kernels --------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
