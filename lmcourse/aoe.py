@@ -8,9 +8,9 @@ Docs: https://lmcourse.github.io/lmcourse/aoe.html.md"""
 __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_params', 'aoe_expert_params', 'param_mismatch',
            'gate_weights', 'topk_softmax', 'aoe_gate_reference', 'router_gate_reference', 'ExpertSort',
            'sort_by_expert', 'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
-           'GroupedSwiGLUFunction', 'grouped_swiglu', 'routing_stats', 'MoELayer', 'AoELayer', 'layer_flops',
-           'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds', 'lm_data',
-           'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
+           'GroupedSwiGLUFunction', 'grouped_swiglu', 'compile_cases', 'routing_stats', 'MoELayer', 'AoELayer',
+           'layer_flops', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds',
+           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
 
 # %% ../nbs/05_aoe.ipynb #0e2f929e
 import math
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer
-from .testing import alloc_output
+from .testing import CompileCase, KnownFailure, alloc_output, use_gpu_tiles
 
 # %% ../nbs/05_aoe.ipynb #f2b5b805
 def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
@@ -249,7 +249,7 @@ def _aoe_gate_bwd_kernel(
 def _pow2(n: int, lo: int = 16) -> int: return max(lo, triton.next_power_of_2(n))
 
 def _gate_blocks(x: torch.Tensor, d: int, r: int, n: int, k: int) -> dict:
-    on_gpu = x.is_cuda
+    on_gpu = use_gpu_tiles(x.device)        # the GPU's blocks on CUDA, and in the interpreter inside gpu_tiles()
     return dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(64, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r)),
                 BLOCK_E=_pow2(n, 2), BLOCK_K=_pow2(k, 2))
 
@@ -429,7 +429,7 @@ def _grouped_weight_grad_kernel(
 
 # %% ../nbs/05_aoe.ipynb #e5f48c2e
 def _grouped_blocks(device: torch.device) -> dict:
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if device.type == "cuda" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if use_gpu_tiles(device) else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
 def tile_schedule(offsets: torch.Tensor, n_rows: int, block_m: int):
     """Tiles of `block_m` sorted rows, none straddling two experts, built on the device (no host sync).
@@ -524,6 +524,59 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
     ends = offsets[1:].to(torch.int32)
     h = F.silu(torch._grouped_mm(z[z_rows.long()], w_gate, offs=ends)) * torch._grouped_mm(x[x_rows.long()], w_p, offs=ends)
     return torch._grouped_mm(h, w_o, offs=ends)
+
+# %% ../nbs/05_aoe.ipynb #a0e1c002
+def compile_cases() -> list[CompileCase]:
+    "Representative GPU launches for the compile test: gate and grouped SwiGLU, forward and backward, every dtype."
+    def gate(s: dict, dtype: torch.dtype):     # d and r only set loop counts (both give BLOCK_D=64, BLOCK_R=128): small
+        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)                      # never read
+        w = torch.empty(s["n_experts"], 64, 128, dtype=dtype, requires_grad=True)
+        cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"])
+        outs = [cache, norms, weights, prob_sum]
+        torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+
+    def experts(s: dict, dtype: torch.dtype):
+        T, d, n, K, r = 64, s["d_model"], s["n_experts"], s["top_k"], s["d_low"]
+        D = aoe_d_wide(d, s["d_ffn"], r)
+        idx = torch.arange(T * K).view(T, K) % n                                          # round-robin routing
+        sort = sort_by_expert(idx, torch.bincount(idx.flatten(), minlength=n))
+        z, x = torch.empty(T * n, r, dtype=dtype, requires_grad=True), torch.empty(T, d, dtype=dtype, requires_grad=True)
+        w_up, w_p, w_o = (torch.empty(*shape, dtype=dtype, requires_grad=True) for shape in ((n, r, D), (n, d, D), (n, D, d)))
+        y = grouped_swiglu(z, x, w_up, w_p, w_o, sort.tokens * n + sort.experts, sort.tokens, sort.offsets)
+        y.backward(torch.empty_like(y))
+
+    def known(label, dtype):
+        name = str(dtype).removeprefix("torch.")
+        return [KnownFailure(12, f"spills registers at the GPU block sizes ({spill})", kernel, where, targets, tritons)
+                for dtypes, case, kernel, where, targets, tritons, spill in _KNOWN_COMPILE_FAILURES
+                if case == label and name in dtypes]
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype), known(f"gate {name}", dtype))
+                  for name, s in BENCH_SHAPES.items()]
+        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype),
+                                 known("experts fine-grained", dtype)))
+    return cases
+
+# What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80): the compiles that spill today. Issue 12 retunes
+# the kernels; a fix that leaves its entry here fails the test (strict xfail), so delete the entry with the fix.
+# (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
+_BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
+_KNOWN_COMPILE_FAILURES = [
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.9",), "32 B"),
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.6",), "16-104 B"),
+    (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
+    (_ALL, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
+    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
+     ("3.9", "3.6"), "568-1328 B"),
+    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": False, "stride_wk": 1}, ("sm_90", "sm_80"),
+     ("3.9", "3.6"), "88-1272 B"),
+    (("float32",), "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": False, "stride_wn": 1}, ("sm_80",),
+     ("3.9",), "16 B"),
+]
 
 # %% ../nbs/05_aoe.ipynb #e8f032b8
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

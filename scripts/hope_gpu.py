@@ -1,11 +1,10 @@
 """GPU runs of the HoPE chapter (nbs/02_hope.ipynb, lmcourse.hope); results go to results/hope/*.json.
 
-On the GPU machine, from the repository root:
-    pip install --no-deps --no-build-isolation -e .
-    python scripts/hope_gpu.py check   # the kernel vs float64 in fp32 / fp16 / bf16 at GPU shapes (~20 s)
-    python scripts/hope_gpu.py bench   # rotary fwd and fwd+bwd sweep vs eager / torch.compile / copy (~2 min)
-    python scripts/hope_gpu.py run     # RoPE vs HoPE vs NoPE, trained at 256 tokens, evaluated at 1x/2x/4x (<= 8 min)
-    python scripts/hope_gpu.py all     # check, bench, run
+Parts (see scripts/gpu.py and results/README.md):
+    make gpu                    # `bench`: the rotary fwd and fwd+bwd sweep at T = 1024, 8192 (30 s)
+    make gpu-run CHAPTER=hope   # `full`: the kernel vs float64 at GPU shapes, the full sweep, then RoPE vs HoPE
+                                #  vs NoPE trained at 256 tokens, evaluated at 1x/2x/4x, in the time left (8 min)
+    python scripts/hope_gpu.py [bench | full | all]   # the same parts in this process, no time limit
 
 Expected compile counts: the Triton kernel specializes per (dtype, BLOCK_P, layout, direction, pointer dtype):
 check ~12, bench 6; torch.compile in the bench: 4 graphs (2 head configurations x forward / forward+backward,
@@ -15,20 +14,13 @@ import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the extrapolation run uses the full sizes
 
-import argparse
-import sys
-import time
-
 import lmcourse  # noqa: F401  (first, as everywhere)
 
 import torch
 
-from lmcourse.bench import gpu_available, save_result
+from lmcourse.bench import save_result
 from lmcourse.hope import apply_hope, benchmark_hope, hope_extrapolation_run, hope_kept_pairs, hope_rotary
 from lmcourse.testing import check_against_reference, kernel_dtypes, random_tensors
-
-RUN_BUDGET_S = 420      # the extrapolation run stops starting new arms past this (it must end within 8 minutes)
-
 
 def gpu_check() -> dict:
     "hope_rotary vs apply_hope in float64 on the GPU, every kernel dtype, training and decoding shapes, both layouts."
@@ -51,27 +43,42 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["check", "bench", "run", "all"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    args = parser.parse_args(argv)
-    if not gpu_available():
-        sys.exit("scripts/hope_gpu.py needs a CUDA GPU (CPU timings mean nothing)")
-    if args.what in ("check", "bench", "all"):
-        start = time.perf_counter()
-        print("saved", save_result("hope", "gpu_check", gpu_check()), f"{time.perf_counter() - start:.0f} s")
-    if args.what in ("bench", "all"):
-        start = time.perf_counter()
-        for name, result in benchmark_hope().items():
+def _sweep(budget, seq_lens) -> list[dict]:
+    "The rotary sweep, one head configuration at a time while time remains; a row per configuration for the summary."
+    rows = []
+    for H, D in ((12, 64), (32, 128)):
+        if budget.left() < 15:
+            budget.skip(f"rotary sweep at H={H}, D={D}")
+            continue
+        for name, result in benchmark_hope(seq_lens=seq_lens, shapes=((H, D),)).items():
             print("saved", save_result("hope", name, result))
-        print(f"benchmark: {time.perf_counter() - start:.0f} s")
-    if args.what in ("run", "all"):
-        start = time.perf_counter()
-        result = hope_extrapolation_run(seeds=tuple(args.seeds), time_budget_s=RUN_BUDGET_S)
-        print("saved", save_result("hope", "extrapolation", result), f"{time.perf_counter() - start:.0f} s;",
-              "skipped:", result["skipped"] or "nothing")
+            if name.startswith("fwd_bwd"):
+                at = {r["provider"]: r for r in result["rows"] if r["seq_len"] == max(seq_lens)}
+                rows.append({"metric": f"{name} T={max(seq_lens)}: triton vs eager, vs compile",
+                             "measured": f"{at['eager']['ms'] / at['triton']['ms']:.2f}x, {at['compile']['ms'] / at['triton']['ms']:.2f}x",
+                             "target": ">= 85% of copy bandwidth (issue 13)"})
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+def bench(budget):
+    "make gpu: the rotary sweep at T = 1024 and 8192 (B = 16, bf16), both head configurations if time allows."
+    return _sweep(budget, seq_lens=(1024, 8192))
+
+
+def full(budget):
+    "make gpu-run CHAPTER=hope: the kernel check, the full sweep, then the extrapolation run in the time left."
+    print("saved", save_result("hope", "gpu_check", gpu_check()))
+    rows = _sweep(budget, seq_lens=(1024, 2048, 4096, 8192))
+    result = hope_extrapolation_run(seeds=(0, 1), time_budget_s=max(0.0, budget.left() - 30))
+    print("saved", save_result("hope", "extrapolation", result), "skipped:", result["skipped"] or "nothing")
+    for what in result["skipped"]:
+        budget.skip(what, "extrapolation run out of time")
+    return rows + [{"metric": "gpu_check, extrapolation", "measured": "results/hope/", "target": "stored"}]
+
+
+PARTS = {"bench": (30, bench), "full": (480, full)}   # seconds; see results/README.md
+
+
+if __name__ == "__main__":   # python scripts/hope_gpu.py [bench | full | all]: the parts in this process, no time limit
+    from gpu import run_cli
+    run_cli(PARTS)

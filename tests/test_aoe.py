@@ -1,31 +1,29 @@
 import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET=1 when no GPU is visible)
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import lmcourse.aoe as aoe
 from lmcourse.aoe import (AoELayer, MoELayer, aoe_d_wide, aoe_expert_params, aoe_gate, aoe_gate_reference, gate_weights,
                           grouped_swiglu, grouped_swiglu_reference, moe_expert_params, param_mismatch, routing_stats,
                           sort_by_expert, tile_schedule, topk_softmax)
 from lmcourse.model import ModelConfig, Transformer
-from lmcourse.testing import (assert_close, check_against_reference, kernel_device, kernel_dtypes, random_tensors,
-                              tolerance)
+from lmcourse.testing import (assert_close, check_against_reference, gpu_tiles, kernel_device, kernel_dtypes,
+                              random_tensors, tolerance)
 
 DEV = kernel_device()
 
 
 @pytest.fixture(params=["own", "gpu"])
-def tiles(request, monkeypatch):
-    """Run each kernel test twice: with the launchers' block sizes for this device, and with the GPU's block sizes
-    (on a CPU, in the interpreter), so that the shapes below are several GPU blocks long too."""
+def tiles(request):
+    """Run a kernel test twice: with the launchers' block sizes for this device, and inside `gpu_tiles()` with the
+    GPU's (on a CPU, in the interpreter), so that its shapes are several GPU blocks long there too."""
     if request.param == "gpu":
-        gate_blocks, grouped_blocks = aoe._gate_blocks, aoe._grouped_blocks
-        monkeypatch.setattr(aoe, "_gate_blocks", lambda x, *a: gate_blocks(SimpleNamespace(is_cuda=True), *a))
-        monkeypatch.setattr(aoe, "_grouped_blocks", lambda device: grouped_blocks(torch.device("cuda")))
-    return request.param
+        with gpu_tiles():
+            yield request.param
+    else:
+        yield request.param
 
 
 def test_d_wide_and_param_match():
@@ -95,22 +93,26 @@ def _check_gate(T, d, n, r, k, dtype=torch.float32, renormalize=True):
 GATE_LONG = {"own": (40, 150, 3, 140), "gpu": (150, 200, 3, 300)}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,d,n,r,k", [(37, 32, 5, 8, 2), (16, 24, 8, 20, 1), (33, 16, 4, 16, 3), (70, 40, 3, 72, 2)])
 def test_aoe_gate_matches_reference(T, d, n, r, k):
     _check_gate(T, d, n, r, k)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_aoe_gate_several_blocks_long(k, renormalize, tiles):
     _check_gate(*GATE_LONG[tiles], k, renormalize=renormalize)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_aoe_gate_dtypes(dtype):
     _check_gate(24, 96, 4, 80, 2, dtype=dtype)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 4 GiB of cache on a GPU")
 def test_aoe_gate_int64_offsets():
     "T·n·r ≥ 2³¹: the cache offsets of the last tokens overflow int32."
@@ -148,6 +150,7 @@ def _routing(T, n, k, seed, empty_expert=None):
 @pytest.mark.parametrize("layout", ["aoe", "moe"])
 @pytest.mark.parametrize("T,d,n,R,D,k,empty", [(37, 32, 5, 8, 40, 2, None), (29, 24, 4, 24, 33, 1, None),
                                                  (20, 16, 4, 16, 48, 2, 2)])
+@pytest.mark.gpu
 def test_grouped_swiglu_matches_reference(layout, T, d, n, R, D, k, empty):
     _check_grouped(layout, T, d, n, R, D, k, empty)
 
@@ -158,6 +161,7 @@ def test_grouped_swiglu_matches_reference(layout, T, d, n, R, D, k, empty):
 GROUPED_LONG = {"own": (40, 80, 3, 70, 72, 2), "gpu": (100, 140, 3, 150, 300, 2)}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["aoe", "moe"])
 def test_grouped_swiglu_several_blocks_long(layout, tiles):
     _check_grouped(layout, *GROUPED_LONG[tiles], empty=None)
@@ -176,6 +180,7 @@ def _check_grouped(layout, T, d, n, R, D, k, empty):
     check_against_reference(wrap(grouped_swiglu), wrap(grouped_swiglu_reference), inputs, seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_grouped_swiglu_dtypes(dtype):
     T, d, n, R, D = 24, 32, 4, 16, 32
@@ -206,6 +211,7 @@ def test_grouped_swiglu_rejects_bad_shapes():
         grouped_swiglu(x, x, wg, wp, wo, sort.tokens, sort.tokens, sort.offsets)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["aoe", "moe"])
 def test_layer_triton_equals_torch_in_a_transformer(kind):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ffn=64, max_seq_len=32)

@@ -24,11 +24,13 @@ CASES = [dict(T=150, V=301, H=70, chunk_rows=64),                 # 3 chunks (ra
          dict(T=64, V=96, H=32, zero_scale=False, ignore_every=0)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_matches_reference(case):
     check_fused_ce(**case)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_dtypes(dtype, reduction):
@@ -39,6 +41,7 @@ def _gpu_blocks(dtype, i):
     return {kind: dict(gpu_configs(kind, dtype)[i % len(gpu_configs(kind, dtype))].kwargs) for kind in GPU_CONFIGS}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("i", range(3))
 def test_gpu_tile_shapes_in_interpreter(dtype, i):
@@ -50,6 +53,7 @@ def test_gpu_tile_shapes_in_interpreter(dtype, i):
             check_fused_ce(280, 600, 200, dtype=torch.float32, reduction=reduction, chunk_rows=140)
 
 
+@pytest.mark.gpu
 def test_segment_losses_and_token_losses():
     (x, w), seed = random_tensors([(90, 24), (50, 24)], device=DEVICE)
     y = torch.randint(0, 50, (90,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
@@ -92,6 +96,7 @@ def test_no_grad_frozen_head_and_upstream_scaling():
     assert torch.equal(first, wk.grad)
 
 
+@pytest.mark.gpu
 def test_leading_dims_non_contiguous_and_custom_ignore_index():
     (x, w), seed = random_tensors([(40, 3, 32), (70, 32)], device=DEVICE)
     hidden = x.transpose(0, 1)                                      # [3, 40, 32], not contiguous

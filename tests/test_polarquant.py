@@ -12,7 +12,8 @@ from lmcourse.polarquant import (PolarKeyCache, PolarKeys, PolarKVCache, PolarQu
                                  key_bits_per_element, kivi_quantize_keys, logit_errors, polar_decode_attention,
                                  polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
                                  polar_quantize, polar_quantize_triton, structured_keys, to_polar)
-from lmcourse.testing import assert_close, fresh_seed, kernel_device, kernel_dtypes, poisoned_outputs, random_tensors
+from lmcourse.testing import (assert_close, fresh_seed, gpu_tiles, kernel_device, kernel_dtypes, poisoned_outputs,
+                              random_tensors)
 
 DEV = kernel_device()
 
@@ -114,6 +115,7 @@ def test_smoke_polar_beats_per_token_int4():
 
 # -- Triton kernels --------------------------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 5)])
 @pytest.mark.parametrize("dtype", kernel_dtypes())
@@ -128,6 +130,7 @@ def test_quantize_kernel_matches_reference(layout, bits, dtype):
         assert max(polar_max_step_error(keys, actual)) <= 0.5 + 1e-4
 
 
+@pytest.mark.gpu
 def test_quantize_kernel_strided_keys():
     keys = _keys(1, 4, 32, 32, fresh_seed())[:, ::2]                       # non-contiguous head stride
     compare_polar_keys(polar_quantize_triton(keys, 4, 4, 16), polar_quantize(keys, 4, 4, 16))
@@ -135,6 +138,7 @@ def test_quantize_kernel_strided_keys():
 
 @pytest.mark.parametrize("B,H,Hq,L,D,splits", [(1, 1, 1, 37, 32, None), (2, 2, 8, 50, 32, 3),
                                                 (2, 1, 4, 16, 64, 1), (1, 2, 2, 101, 32, 8)])
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
     (q, k, v), seed = random_tensors([(B, Hq, 1, D), (B, H, L, D), (B, H, L, D)], dtype=dtype)
@@ -149,6 +153,7 @@ def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
     (2, 1, 4, 1, 31, 32, 1),          # a long tail
     (1, 2, 2, 4, 1, 16, 7),           # more chunks than blocks: empty chunks
 ])
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, layout):
     seed = fresh_seed()
@@ -161,6 +166,7 @@ def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, spli
     assert_close(out, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
 
 
+@pytest.mark.gpu
 def test_polar_decode_kernel_fp16_and_3bit():
     seed = fresh_seed()
     keys = _keys(1, 2, 40, 32, seed).half()
@@ -168,6 +174,26 @@ def test_polar_decode_kernel_fp16_and_3bit():
     pk = polar_quantize_triton(keys[:, :, :32], 3, 3, 16)
     out = polar_decode_attention(q, pk, keys[:, :, 32:], v, num_splits=2)
     assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, 32:].double(), v.double()).half(), seed=seed)
+
+
+# The GPU's tiles in the interpreter: groups of G = 128 keys, BLOCK_T = 64 tail/plain tiles, and the split count the
+# launchers derive from the SM count: 132 SMs give one tile or block per split; 1 SM gives 2 splits of several tiles
+# each, so the loop over a split's tiles and blocks accumulates across iterations as on a GPU.
+@pytest.mark.gpu
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_decode_kernels_at_gpu_tiles(sm_count):
+    seed = fresh_seed()
+    B, H, Hq, D, G, n_blocks, tail = 1, 2, 8, 64, 128, 3, 150         # 534 keys: 3 polar blocks + a ragged tail
+    L = n_blocks * G + tail
+    keys = _keys(B, H, L, D, seed)
+    (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, L, D)], seed=seed)
+    with gpu_tiles(sm_count=sm_count), poisoned_outputs():
+        pk = polar_quantize_triton(keys[:, :, :n_blocks * G], 4, 4, G)
+        fused = polar_decode_attention(q, pk, keys[:, :, n_blocks * G:], v)
+        plain = decode_attention(q, keys, v)
+    compare_polar_keys(pk, polar_quantize(keys[:, :, :n_blocks * G], 4, 4, G))
+    assert_close(fused, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
+    assert_close(plain, eager_attention(q.double(), keys.double(), v.double()).float(), seed=seed)
 
 
 def test_decode_kernels_reject_bad_inputs():
