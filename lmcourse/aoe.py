@@ -528,10 +528,10 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
 # %% ../nbs/05_aoe.ipynb #a0e1c002
 def compile_cases() -> list[CompileCase]:
     "Representative GPU launches for the compile test: gate and grouped SwiGLU, forward and backward, every dtype."
-    def gate(s: dict, dtype: torch.dtype):     # d and r only set loop counts (both give BLOCK_D=64, BLOCK_R=128): small
-        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)                      # never read
+    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give BLOCK_D=64,
+        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_R=128): small; never read
         w = torch.empty(s["n_experts"], 64, 128, dtype=dtype, requires_grad=True)
-        cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"])
+        cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"], renormalize)
         outs = [cache, norms, weights, prob_sum]
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
@@ -557,6 +557,10 @@ def compile_cases() -> list[CompileCase]:
                   for name, s in BENCH_SHAPES.items()]
         cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype),
                                  known("experts fine-grained", dtype)))
+    # the MegaBlocks gate (renormalize=False) once: its forward and backward differ from the default only in the epilogue
+    cases.append(CompileCase("gate fine-grained megablocks", torch.bfloat16,
+                             lambda: gate(BENCH_SHAPES["fine-grained"], torch.bfloat16, renormalize=False),
+                             known("gate fine-grained megablocks", torch.bfloat16)))
     return cases
 
 # What the compile test measured (Triton 3.9 on sm_90 and sm_80, 3.6 on sm_90; the 3.6 sm_80 entries are from before
@@ -570,6 +574,7 @@ _KNOWN_COMPILE_FAILURES = [
     (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
     (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
     (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
+    (("bfloat16",), "gate fine-grained megablocks", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "48-176 B"),
     (_BF16_FP16, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
     (("float32",), "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_80",), ("3.9", "3.6"), "216-1064 B"),
     (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
