@@ -29,7 +29,7 @@ def full(budget, seed: int = 0):
              "target": "aoe <= moe (paper)"} for r in runs]
 
 
-PARTS = {"bench": (60, bench), "full": (480, full)}   # seconds; see results/README.md
+PARTS = {"bench": (45, bench), "full": (480, full)}   # seconds; see results/README.md
 
 
 if __name__ == "__main__":   # python scripts/aoe_gpu.py [bench | full [--seed N] | all]: the parts in this process, no time limit
