@@ -629,8 +629,10 @@ def compile_cases() -> list[CompileCase]:
     # Measured with Triton 3.9 and 3.6 (issue 10 fixes them; a fix without deleting the entry fails the test):
     no_dot = [KnownFailure(10, "tl.dot over a block of G < 16 keys: K >= 16 on NVIDIA", "_polar_decode_split_kernel",
                            {"G": (1, 4)})]
-    decode_spills = [KnownFailure(10, "spills: 32 bytes a thread (Triton 3.6), up to 1.8 KB (3.9, 4/4 bits)",
-                                  "_polar_decode_split_kernel", {"G": 128})]
+    decode_spills = [KnownFailure(10, "4/4 bits: spills 0.5-1.8 KB a thread at 255 registers with Triton 3.9",
+                                  "_polar_decode_split_kernel", {"G": 128, "RADIUS_BITS": 4, "ANGLE_BITS": 4}, tritons=("3.9",))]
+    fp32_shared = [KnownFailure(10, "fp32: 218 KiB of shared memory; an A100 has 163 KiB", "_polar_decode_split_kernel",
+                                {"G": 128}, targets=("sm_80",), tritons=("3.9",))]
     quantize_spills = [KnownFailure(10, "spills 8 bytes a thread in bf16 on sm_90 with Triton 3.9", "_polar_quantize_kernel",
                                     targets=("sm_90",), tritons=("3.9",))]
     cases = []
@@ -639,7 +641,8 @@ def compile_cases() -> list[CompileCase]:
                               known_failures=quantize_spills if dtype == torch.bfloat16 else ()),
                   CompileCase("decode L32k", dtype, lambda dtype=dtype: decode(dtype), mma_sync_ok=small_tiles)]
         cases += [CompileCase(f"polar decode G128 {bits[0]}/{bits[1]}", dtype, lambda dtype=dtype, bits=bits: decode(dtype, 128, bits),
-                              known_failures=decode_spills, mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
+                              known_failures=decode_spills + (fp32_shared if dtype == torch.float32 else []),
+                              mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
     cases += [CompileCase(f"polar decode G{g} 4/4", torch.bfloat16, lambda g=g: decode(torch.bfloat16, g),
                           known_failures=no_dot, mma_sync_ok=small_tiles) for g in (1, 4)]
     return cases

@@ -1,14 +1,10 @@
 """Tests of `lmcourse.hope`: the cutoff rule and unseen-angle counts, the reference, both Triton kernels (interpreter
-on CPU) against the float64 reference at every GPU tile, the model module, the sm_90 compile of the GPU configs,
-and the experiment's pipeline."""
+on CPU) against the float64 reference at every GPU tile, the model module and the experiment's
+pipeline (the GPU compile of every launch: tests/test_gpu_compile.py, from `lmcourse.hope.compile_cases`)."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -275,63 +271,6 @@ def test_bad_inputs_raise_clear_errors():
             hope_rotary(q.bfloat16(), k.bfloat16(), p, 4)
         with pytest.raises(ValueError, match="not meta"):
             hope_rotary(q.to("meta"), k.to("meta"), p.to("meta"), 4)
-
-
-# -- the compile test for the GPU configurations (until lmcourse.testing.compile_kernel lands, issue 9) -----------
-COMPILE_SCRIPT = r"""
-import os, json, subprocess, sys, tempfile
-os.environ["TRITON_INTERPRET"] = "0"            # compile real kernels (the interpreter patches triton.language)
-import triton
-from triton.backends.compiler import GPUTarget
-import lmcourse.hope as h
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-ints = ["stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt", "stride_qob", "stride_qoh",
-        "stride_qot", "stride_kob", "stride_koh", "stride_kot", "stride_pb", "T", "H", "HKV", "kept", "n_pairs"]
-out = []
-for spec in json.loads(sys.argv[1]):
-    sig = {n: "*" + spec["dtype"] for n in ("q", "k", "q_out", "k_out")}
-    sig.update(pos="*i64", theta="*fp64", **{n: "i32" for n in ints})
-    cx = dict(HEAD_DIM=2 * spec["BLOCK_P"], BLOCK_T=spec["BLOCK_T"], BLOCK_P=spec["BLOCK_P"],
-              INTERLEAVED=spec["interleaved"], BACKWARD=spec["backward"])
-    sig.update({c: "constexpr" for c in cx})
-    # 16-byte aligned pointers, as a real launch specializes them
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
-    src = triton.compiler.ASTSource(fn=h._hope_rotary_kernel, signature=sig, constexprs=cx, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", spec["arch"], 32), options={"num_warps": spec["num_warps"]})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"]); f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    fields = dict(t.split(":") for t in usage.split() if ":" in t and t.split(":")[1].isdigit())
-    out.append({**spec, "REG": int(fields["REG"]), "STACK": int(fields["STACK"]), "LOCAL": int(fields["LOCAL"])})
-print(json.dumps(out))
-"""
-
-
-def _compile_specs():
-    specs = []
-    for cfg in GPU_CONFIGS:
-        if cfg["BLOCK_P"] < 16:
-            continue                       # tiny tiles: the same code with fewer registers (covered by 16)
-        for interleaved in (False, True):
-            for backward in (False, True):
-                specs.append({**cfg, "dtype": "bf16", "interleaved": interleaved, "backward": backward, "arch": 90})
-    for dtype in ("fp16", "fp32"):
-        specs.append({**GPU_CONFIGS[6], "dtype": dtype, "interleaved": False, "backward": False, "arch": 90})
-    specs.append({**GPU_CONFIGS[6], "dtype": "bf16", "interleaved": False, "backward": False, "arch": 80})
-    return specs
-
-
-def test_gpu_configs_compile_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(_compile_specs())], capture_output=True,
-                         text=True, env=env, cwd=root, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
-    for row in rows:
-        print(row)
-        assert row["STACK"] == 0 and row["LOCAL"] == 0, row          # no register spills
-        assert row["REG"] <= 128, row                                 # leaves room for 4 programs of 4 warps per SM
 
 
 # -- the model module and the experiment -------------------------------------------------------------------------
