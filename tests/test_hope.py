@@ -133,11 +133,13 @@ CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_kernel_matches_reference(case):
     _check(**case)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: f"P{c['BLOCK_P']}-T{c['BLOCK_T']}")
 @pytest.mark.parametrize("inplace", [False, True])
 def test_kernel_at_every_gpu_tile(cfg, inplace):
@@ -152,12 +154,14 @@ def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_kernel_dtypes(dtype, inplace):
     _check(2, 2, 1, 37, 64, 18, inplace=inplace, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_positions_int32_equal_int64():
     (q, k), _ = random_tensors([(1, 2, 30, 32), (1, 1, 30, 32)], device=DEVICE)
     pos = torch.arange(500, 530, device=DEVICE)
@@ -165,6 +169,7 @@ def test_positions_int32_equal_int64():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.gpu
 def test_packing_and_cache_offsets():
     (q, k), _ = random_tensors([(1, 2, 40, 32), (1, 1, 40, 32)], device=DEVICE)
     lengths = [13, 20, 7]
@@ -181,6 +186,7 @@ def test_packing_and_cache_offsets():
     assert torch.allclose(step[0], full[0][:, :, 30:], atol=1e-6) and torch.allclose(step[1], full[1][:, :, 30:], atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore:invalid value encountered")     # the interpreter evaluates both sides of tl.where
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_inplace_touches_only_kept_pairs(layout):
@@ -198,6 +204,7 @@ def test_inplace_touches_only_kept_pairs(layout):
     assert out[0][..., content].isnan().all() and out[1][..., content].isinf().all()      # copied exactly, not inf·0
 
 
+@pytest.mark.gpu
 def test_inplace_inside_autograd_graph():
     w = torch.randn(32, 64, device=DEVICE, requires_grad=True)
     h = torch.randn(2, 9, 32, device=DEVICE)
@@ -210,6 +217,7 @@ def test_inplace_inside_autograd_graph():
     assert_close(a, b, 1e-5)
 
 
+@pytest.mark.gpu
 def test_gradient_of_only_one_output():
     (q, k), _ = random_tensors([(1, 2, 12, 16), (1, 1, 12, 16)], device=DEVICE)
     q.requires_grad_(True)
@@ -221,6 +229,7 @@ def test_gradient_of_only_one_output():
     assert_close(dq, ref)
 
 
+@pytest.mark.gpu
 def test_short_kernel():
     (x,), seed = random_tensors([(2, 3, 37, 32)], device=DEVICE)
     pos = torch.arange(100, 137)
