@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer, rope_pairs
-from .testing import CompileCase, KnownFailure, alloc_output, check_dtype, triton_interpreted
+from .testing import CompileCase, alloc_output, check_dtype, triton_interpreted
 
 # %% ../nbs/02_hope.ipynb #fb8657fb
 def hope_kept_pairs(head_dim: int, base: float, train_len: int, min_periods: float = 1.0) -> int:
@@ -166,6 +166,19 @@ def _rotate_heads(p_in, p_out, stride_h, stride_t, stride_oh, stride_ot, n_heads
         p_y += stride_oh
 
 @triton.jit
+def _cos_sin(b_ang):
+    "cos and sin (fp32) of fp64 angles: reduce to r in [-π/4, π/4] and a quadrant in fp64, then Taylor polynomials."
+    b_k = tl.floor(b_ang * 0.6366197723675814 + 0.5)                  # round(angle / (π/2))
+    r = (b_ang - b_k * 1.5707963267948966).to(tl.float32)
+    quadrant = (b_k - 4.0 * tl.floor(b_k * 0.25)).to(tl.int32)        # k mod 4, also for negative k
+    r2 = r * r
+    s = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    b_sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    b_cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    return b_cos, b_sin
+
+@triton.jit
 def _hope_rotary_kernel(q, k, q_out, k_out,      # q [B, H, T, D], k [B, HKV, T, D]; outputs may alias the inputs
                         pos,                     # [B or 1, T] int32/int64 positions (stride_pb = 0: shared by the batch)
                         theta,                   # [D/2] fp64 frequencies, 0 for the content pairs
@@ -181,14 +194,10 @@ def _hope_rotary_kernel(q, k, q_out, k_out,      # q [B, H, T, D], k [B, HKV, T,
     m_t = o_t < T
     m_tile = m_t[:, None] & (o_p < n_pairs)[None, :]
     m_rot = (o_p < kept)[None, :]
-    # angles in fp64, reduced to [-π, π) before the fp32 cos/sin: exact to fp32 rounding at any position
+    # angles in fp64, reduced to a quarter turn before fp32 polynomials: exact to fp32 rounding at any position
     b_pos = tl.load(pos + i_b * stride_pb + o_t, mask=m_t, other=0).to(tl.float64)
     b_theta = tl.load(theta + o_p, mask=o_p < kept, other=0.0)
-    b_ang = b_pos[:, None] * b_theta[None, :]
-    b_turns = tl.floor(b_ang * 0.15915494309189535 + 0.5)             # round(angle / 2π)
-    b_ang = (b_ang - b_turns * 6.283185307179586).to(tl.float32)
-    b_cos = tl.cos(b_ang)
-    b_sin = tl.sin(b_ang)
+    b_cos, b_sin = _cos_sin(b_pos[:, None] * b_theta[None, :])
     if BACKWARD:                                                        # dx = R(mθ)ᵀ dy = R(−mθ) dy
         b_sin = -b_sin
     if INTERLEAVED:
@@ -296,7 +305,7 @@ def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
         raise RuntimeError("hope_rotary got CPU tensors but TRITON_INTERPRET is not '1': import lmcourse first "
                            "(it enables the interpreter when no GPU is visible) or move the tensors to CUDA")
     if q.dtype != k.dtype: raise ValueError(f"q and k must share a dtype; got {q.dtype}, {k.dtype}")
-    check_dtype(q, what="hope_rotary")   # float32/16, bfloat16; no bf16 below sm_80 or in the interpreter
+    check_dtype(q, what="hope_rotary")      # also refuses bf16 where it cannot run (the interpreter, pre-sm_80 GPUs)
     if D % 2 or not 2 <= D <= MAX_HEAD_DIM: raise ValueError(f"head_dim={D} must be even and in [2, {MAX_HEAD_DIM}]")
     if isinstance(kept_pairs, bool) or not isinstance(kept_pairs, int) or not 0 <= kept_pairs <= D // 2:
         raise ValueError(f"kept_pairs must be an integer in [0, head_dim/2 = {D // 2}], got {kept_pairs!r}")
@@ -325,32 +334,22 @@ def hope_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kept_
                 HopeRotaryInplaceFunction.apply(k, positions, kept_pairs, float(base), layout))
     return _rotate(q, k, positions, kept_pairs, float(base), layout, inplace=True)   # no graph: one launch
 
-# %% ../nbs/02_hope.ipynb #88242c0e
+# %% ../nbs/02_hope.ipynb #61e625b0
 def compile_cases() -> list[CompileCase]:
-    "Representative GPU launches of HoPE's kernels for the compile test (tests/test_gpu_compile.py)."
-    def rotary(D, dtype, layout="half", kept=None, inplace=False):
-        q, k = (torch.empty(1, n, 64, D, dtype=dtype, requires_grad=not inplace) for n in (8, 2))   # never read
-        kept = D // 4 if kept is None else kept
-        q_out, k_out = hope_rotary(q, k, torch.arange(64), kept, layout=layout, inplace=inplace)
-        if not inplace:
-            (q_out.sum() + k_out.sum()).backward()                 # the backward launch (BACKWARD=True)
-
-    # Measured (a fix without deleting its entry fails the test): 8-byte spill frames with Triton 3.9.
-    spills = [KnownFailure(13, "out of place, half layout, on sm_80: ptxas holds 64 registers, spills 8 B",
-                           "_hope_rotary_kernel", {"INTERLEAVED": False, "HEAD_DIM": D, "BLOCK_P": D // 2},
-                           targets=("sm_80",), tritons=("3.9",)) for D in (64, 128, 256)]
-    spills += [KnownFailure(13, "in place at hd128 on sm_90: 72 registers, spills 8 B", "_hope_rotary_kernel",
-                            {"HEAD_DIM": 128, "BLOCK_P": 32}, targets=("sm_90",), tritons=("3.9",))]
-    bf16 = torch.bfloat16
-    cases = [CompileCase(f"hd{D} {layout}", bf16, lambda D=D, layout=layout: rotary(D, bf16, layout), spills)
-             for D in (64, 128, 256) for layout in (("half", "interleaved") if D == 128 else ("half",))]
-    cases.append(CompileCase("hd128 in place, 24 kept pairs", bf16, lambda: rotary(128, bf16, kept=24, inplace=True),
-                             spills))
-    for dtype in (torch.float16, torch.float32):
-        cases.append(CompileCase("hd128 half", dtype, lambda dtype=dtype: rotary(128, dtype), spills))
-        cases.append(CompileCase("short kernel hd128", dtype, lambda dtype=dtype: hope_rotary_simple_(
-            torch.empty(1, 8, 64, 128, dtype=dtype), torch.arange(64), 24)))
-    return cases
+    "Representative GPU launches for the compile test: forward (out of place, in place) and backward at head dims 64-256."
+    def launch(D: int, dtype: torch.dtype, layout: str = "half"):
+        q, k = (torch.empty(2, 8, 1024, D, dtype=dtype, requires_grad=True) for _ in range(2))   # never read
+        pos, kept = torch.arange(1024), hope_kept_pairs(D, 10_000.0, 1024)
+        q_rot, k_rot = hope_rotary(q, k, pos, kept, layout=layout)
+        torch.autograd.backward((q_rot, k_rot), (torch.empty_like(q_rot), torch.empty_like(k_rot)))
+        with torch.no_grad():
+            hope_rotary(q.detach(), k.detach(), pos, kept, layout=layout, inplace=True)
+    bf16 = [CompileCase(f"hd{D} {layout}", torch.bfloat16, lambda D=D, layout=layout: launch(D, torch.bfloat16, layout))
+            for D in (64, 128, 256) for layout in LAYOUTS]
+    other = [CompileCase("hd128 half", dtype, lambda dtype=dtype: launch(128, dtype)) for dtype in (torch.float16, torch.float32)]
+    short = CompileCase("short kernel hd128", torch.float32,
+                        lambda: hope_rotary_simple_(torch.empty(2, 8, 1024, 128), torch.arange(1024), 46))
+    return bf16 + other + [short]
 
 # %% ../nbs/02_hope.ipynb #45afda17
 def hf_cos_sin(positions: torch.Tensor, head_dim: int, kept_pairs: int, base: float = 10_000.0,

@@ -528,10 +528,17 @@ def benchmark_summary(result: dict) -> list[dict]:
     return out
 
 # %% ../nbs/00h_losses.ipynb #6d04d739
-def final_hidden(model, tokens: torch.Tensor, *, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    "The input of an `lmcourse.model.Transformer`'s head: norm(body(embed(tokens))), [B, T, d]."
+def final_hidden(model, tokens: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                 embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """The input of an `lmcourse.model.Transformer`'s head: norm(body(embed(tokens))), [B, T, d].
+
+    `embeddings` [B, T, d], if given, enter the body instead of `embed(tokens)` (noised or soft inputs)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return model.norm(model.body(model.embed(tokens, positions), positions, segment_ids=segment_ids))
+    if embeddings is None:
+        embeddings = model.embed(tokens, positions)
+    elif embeddings.shape[:2] != tokens.shape or embeddings.dim() != 3:
+        raise ValueError(f"embeddings must be [B, T, d] with [B, T] = {tuple(tokens.shape)}, got {tuple(embeddings.shape)}")
+    return model.norm(model.body(embeddings, positions, segment_ids=segment_ids))
 
 def fused_lm_loss(model, batch, *, reduction: str = "mean"):
     "A `loss_fn` for `lmcourse.train.train`: the model's next-token loss through the fused kernel; returns (loss, {})."

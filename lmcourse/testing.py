@@ -6,7 +6,7 @@ Docs: https://lmcourse.github.io/lmcourse/testing.html.md"""
 
 # %% auto #0
 __all__ = ['ELEMENT_TOL_FACTOR', 'H100_SM_COUNT', 'GPU_TARGETS', 'triton_interpreted', 'kernel_device', 'kernel_dtypes',
-           'tolerance', 'rel_error', 'max_rel_error', 'assert_close', 'decisive_rows', 'fresh_seed', 'random_tensors',
+           'tolerance', 'rel_error', 'max_rel_error', 'assert_close', 'fresh_seed', 'random_tensors',
            'poisoned_outputs', 'alloc_output', 'check_against_reference', 'gpu_tiles', 'use_gpu_tiles', 'gpu_sm_count',
            'tile_kwargs', 'autotuned', 'LaunchError', 'check_device', 'check_dtype', 'check_block', 'check_dot',
            'Launch', 'launch_signature', 'capture_launches', 'CompileRecord', 'compile_kernel', 'compile_launches',
@@ -125,19 +125,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float | None
                              f"{expected[at].item():.4g}) although the norm-wise error {err:.1e} is within {tol:.1e} "
                              f"({context})")
     return err
-
-# %% ../nbs/00d_testing.ipynb #3189ef5e
-def decisive_rows(scores: torch.Tensor, k: int, margin: float) -> torch.Tensor:
-    """[...] bool for `scores` [..., n]: rows whose top-`k` set is decided by more than `margin` — their k-th and
-    (k+1)-th largest scores differ by more than `margin` times the row's largest magnitude. A kernel whose scores
-    are within `margin` of these (e.g. TF32 dots on a GPU) must choose the same top-k set there."""
-    n = scores.shape[-1]
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must lie in [1, {n}] (the number of scores per row)")
-    if k == n:
-        return torch.ones(scores.shape[:-1], dtype=torch.bool, device=scores.device)
-    top = scores.double().topk(k + 1, dim=-1).values
-    return top[..., k - 1] - top[..., k] > margin * scores.double().abs().amax(-1)
 
 # %% ../nbs/00d_testing.ipynb #4b08eb69
 def fresh_seed() -> int:

@@ -1,6 +1,7 @@
 """Tests of `lmcourse.hope`: the cutoff rule and unseen-angle counts, the reference, both Triton kernels (interpreter
-on CPU) against the float64 reference at every GPU tile, the model module and the experiment's
-pipeline (the GPU compile of every launch: tests/test_gpu_compile.py, from `lmcourse.hope.compile_cases`)."""
+on CPU) against the float64 reference at every GPU tile, the model module and the experiment's pipeline.
+The sm_90/sm_80 compile of the GPU launches is tests/test_gpu_compile.py, through `lmcourse.hope.compile_cases`.
+The kernel tests are marked `gpu`: `make gpu` runs them on the GPU in every dtype."""
 import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GPU is visible)
 
 import json

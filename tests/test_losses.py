@@ -125,7 +125,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="int32 or int64"):
         fused_linear_cross_entropy(x, w, y.float())
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
-        fused_linear_cross_entropy(x, w, y + 5)
+        fused_linear_cross_entropy(x, w, y + 10)     # every id out of range (y + 5 stays in range 1 time in 64)
     with pytest.raises(ValueError, match="reduction must be"):
         fused_linear_cross_entropy(x, w, y, reduction="avg")
     with pytest.raises(ValueError, match="is a class id"):
@@ -147,6 +147,18 @@ def test_bad_inputs_raise_clear_errors():
             fused_linear_cross_entropy(x.bfloat16(), w.bfloat16(), y)
         with pytest.raises(ValueError, match="not meta"):
             fused_linear_cross_entropy(x.to("meta"), w.to("meta"), y.to("meta"))
+
+
+def test_final_hidden_takes_the_bodys_input():
+    from lmcourse.model import ModelConfig, Transformer
+    from lmcourse.losses import final_hidden
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    tokens = torch.randint(0, 50, (2, 11))
+    other = torch.randint(0, 50, (2, 11))
+    assert torch.equal(final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)), final_hidden(lm, other))
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, T, d\]"):
+        final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)[:, :5])
 
 
 def test_hugging_face_causal_lm_loss():

@@ -6,7 +6,7 @@ import triton
 
 from lmcourse.testing import (ELEMENT_TOL_FACTOR, CompileCase, KnownFailure, Launch, LaunchError, alloc_output,
                               assert_close, capture_launches, check_against_reference, check_block, check_device,
-                              check_dot, check_dtype, compile_kernel, compile_verdict, decisive_rows, dot_tile_kernel, gpu_sm_count,
+                              check_dot, check_dtype, compile_kernel, compile_verdict, dot_tile_kernel, gpu_sm_count,
                               gpu_tiles, launch_signature, max_rel_error, poisoned_outputs, random_tensors, rel_error,
                               tile_kwargs, tolerance, use_gpu_tiles)
 
@@ -44,20 +44,6 @@ def test_tolerance_says_which_fp32_dot_precision_applies():
     assert tolerance(torch.float16, "cuda", input_precision="ieee") == tolerance(torch.float16, "cuda")
     with pytest.raises(ValueError, match="input_precision"):
         tolerance(torch.float32, "cuda", input_precision="tf32x3")
-
-
-def test_decisive_rows_keep_top_k_under_perturbation():
-    "Scores off by less than the margin (relative to each row's largest) pick the same top-k set in every decisive row."
-    (scores, noise), seed = random_tensors([(2000, 8), (2000, 8)], dtype=torch.float64, device="cpu")
-    margin, k = 1e-2, 3
-    keep = decisive_rows(scores, k, margin)
-    assert 0.5 < keep.float().mean() < 1, f"seed={seed}"          # some rows are close calls at a 1% margin
-    perturbed = scores + 0.49 * margin * scores.abs().amax(-1, keepdim=True) * noise.clamp(-1, 1)
-    chosen = lambda s: s.topk(k, -1).indices.sort(-1).values
-    assert torch.equal(chosen(perturbed)[keep], chosen(scores)[keep])
-    assert not torch.equal(chosen(perturbed), chosen(scores))     # the rows left out are the ones that may change
-    with pytest.raises(ValueError, match="k=9"):
-        decisive_rows(scores, 9, margin)
 
 
 def test_check_catches_wrong_gradient_and_unwritten_output():
