@@ -1,4 +1,4 @@
-"""`lmcourse.train`: one training loop for every chapter — AdamW, warmup + cosine, clipping, bf16 autocast on GPU, optional `torch.compile`, evaluation, history and curves, checkpoints, seeding, profiles, and DDP.
+"""`lmcourse.train`: one training loop for every chapter — AdamW, warmup + cosine, clipping, gradient accumulation, bf16 autocast on GPU, optional `torch.compile`, evaluation, callbacks, exactly resumable checkpoints, steady-state throughput, seeding, profiles, and DDP.
 
 Docs: https://lmcourse.github.io/lmcourse/train.html.md"""
 
@@ -6,18 +6,20 @@ Docs: https://lmcourse.github.io/lmcourse/train.html.md"""
 
 # %% auto #0
 __all__ = ['PROFILES', 'current_profile', 'by_profile', 'default_device', 'seed_everything', 'TrainConfig', 'lr_at', 'History',
-           'default_loss', 'make_optimizer', 'evaluate', 'train', 'save_checkpoint', 'load_checkpoint',
-           'init_distributed']
+           'ModelProxy', 'Callback', 'rank_world', 'default_loss', 'make_optimizer', 'evaluate', 'train',
+           'save_checkpoint', 'load_checkpoint', 'init_distributed']
 
 # %% ../nbs/00c_train.ipynb #513bd614
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,17 +45,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def seed_everything(seed: int):
-    "Seed Python, and torch on every device."
+    "Seed Python's `random`, NumPy's global generator, and torch on every device."
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 # %% ../nbs/00c_train.ipynb #c0744845
 @dataclass
 class TrainConfig:
     "Everything the loop needs besides the model and the data; sizes usually come from `by_profile`."
-    steps: int = 200
-    batch_size: int = 16
+    steps: int = 200                # optimizer steps
+    batch_size: int = 16            # sequences per micro-batch and rank (what `get_batch` should return)
     seq_len: int = 128
+    grad_accum_steps: int = 1       # micro-batches accumulated into each optimizer step
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -65,13 +69,29 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False           # torch.compile the model (GPU runs; slow to start)
     amp: bool = True                # bf16 autocast when on CUDA (never on CPU)
+    log_every: int = 10             # copy losses and metrics to the host every this many steps (the step never waits for the GPU)
+    timing_warmup: int = 10         # steps before the throughput window opens (compilation, autotuning, allocator warm-up)
+    checkpoint_path: str | None = None  # where train() writes a resumable checkpoint (None: it writes none)
+    checkpoint_every: int = 0       # with checkpoint_path: every this many steps, and after the last (0: after the last only)
     progress: bool = True
 
+    WATCH_FIELDS = ("log_every", "timing_warmup", "checkpoint_path", "checkpoint_every", "progress")
+
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 1:
-            raise ValueError("steps, batch_size and seq_len must be positive")
+        if min(self.steps, self.batch_size, self.seq_len, self.grad_accum_steps, self.eval_every, self.log_every) < 1:
+            raise ValueError("steps, batch_size, seq_len, grad_accum_steps, eval_every and log_every must be positive")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must lie in [0, steps={self.steps}]")
+        if self.timing_warmup < 0 or self.checkpoint_every < 0:
+            raise ValueError("timing_warmup and checkpoint_every must be >= 0")
+        if self.checkpoint_every and self.checkpoint_path is None:
+            raise ValueError("checkpoint_every needs a checkpoint_path")
+        if self.checkpoint_path is not None: self.checkpoint_path = str(self.checkpoint_path)
+        self.betas = tuple(self.betas)
+
+    def identity(self) -> dict:
+        "The fields that decide what the run computes: all but how it is watched and saved (`WATCH_FIELDS`)."
+        return {k: v for k, v in asdict(self).items() if k not in self.WATCH_FIELDS}
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     "Learning rate at `step` (0-based): linear warmup, then cosine to `min_lr_ratio * lr`."
@@ -84,20 +104,43 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # %% ../nbs/00c_train.ipynb #53237745
 @dataclass
 class History:
-    steps: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
+    "What a run recorded (see the field comments); `to_dict()`/`from_dict()` for JSON."
+    steps: list[int] = field(default_factory=list)           # every optimizer step, 0-based
+    train_loss: list[float] = field(default_factory=list)    # per step: mean over its micro-batches (rank 0's under DDP)
     lr: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
-    tokens_per_s: float = 0.0
-    seconds: float = 0.0
-    flops_per_token: float = 0.0
+    metric_steps: dict[str, list[int]] = field(default_factory=dict)   # the step of each value in `metrics`
+    config: dict = field(default_factory=dict)               # the run's TrainConfig, as a dict
+    tokens: int = 0                  # tokens trained: all ranks, all steps (a resumed run continues the count)
+    epoch_tokens: int | None = None  # tokens in one pass over the training data, when train() is told
+    epochs: float | None = None      # tokens / epoch_tokens
+    world_size: int = 1
+    device: str = "cpu"              # torch.cuda.get_device_name() on a GPU
+    flops_per_token: float = 0.0     # the model's training FLOPs per token (0 if it does not say)
+    seconds: float = 0.0             # wall time of the last train() call, everything included
+    timed_steps: int = 0             # steps in the steady-state window
+    timed_seconds: float = 0.0       # their time, with evaluation, callbacks and checkpoints left out
+    tokens_per_s: float = 0.0        # steady state, all ranks together
+    tokens_per_s_per_device: float = 0.0
 
     def to_dict(self) -> dict: return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "History": return cls(**d)
+
+    def log(self, step: int, **values: float):
+        "Record named scalars at `step` (in `metrics`, with the step in `metric_steps`)."
+        for name, value in values.items():
+            self.metrics.setdefault(name, []).append(float(value))
+            self.metric_steps.setdefault(name, []).append(step)
+
+    def mfu(self) -> float | None:
+        "Model FLOPs utilisation of the steady-state window against the device's nominal dense bf16 peak; None off-GPU."
+        if self.device == "cpu": return None
+        from lmcourse.bench import mfu
+        return mfu(self.tokens_per_s_per_device, self.flops_per_token, self.device)
 
     def plot(self, ax=None, label: str | None = None, smooth: int = 10):
         "Training loss (moving average over `smooth` steps) and validation loss against step."
@@ -112,6 +155,103 @@ class History:
             ax.plot(self.val_steps, self.val_loss, "o-", color=line.get_color(), label=f"{prefix}validation")
         ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); ax.grid(alpha=0.3)
         return ax
+
+# %% ../nbs/00c_train.ipynb #bc4cf66d
+class ModelProxy:
+    """What `loss_fn` receives when DDP or torch.compile wrap the model: calling it runs the wrapper (gradients
+    synchronise, the compiled graph is used); any attribute (`blocks`, `cfg`, ...) is the model's own."""
+    def __init__(self, wrapper: nn.Module, module: nn.Module):
+        self._wrapper, self._module = wrapper, module
+
+    def __call__(self, *args, **kwargs): return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name):   # only called for names the proxy itself lacks
+        if name in ("_wrapper", "_module"): raise AttributeError(name)   # not yet set (copy, unpickling)
+        return getattr(self._module, name)
+
+    def __repr__(self): return f"ModelProxy({type(self._wrapper).__name__} around {type(self._module).__name__})"
+
+# %% ../nbs/00c_train.ipynb #0ba8e199
+@dataclass
+class Callback:
+    "Run `fn(step, model, history)` during training, every `every` steps; a returned dict is logged into the history."
+    every: int
+    fn: Callable[[int, nn.Module, "History"], dict | None] | None = None
+
+    def __post_init__(self):
+        if self.every < 1: raise ValueError(f"a callback's every={self.every} must be >= 1")
+
+    def __call__(self, step: int, model: nn.Module, history: "History") -> dict | None:
+        if self.fn is None: raise NotImplementedError("pass fn=... or subclass Callback and override __call__")
+        return self.fn(step, model, history)
+
+def _due(step: int, every: int, steps: int) -> bool:
+    "Evaluations and callbacks run after step 0, after every `every`-th step and after the last step."
+    return step == 0 or (step + 1) % every == 0 or step + 1 == steps
+
+# %% ../nbs/00c_train.ipynb #cb18bebd
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    "The batch on `device`; CPU tensors bound for a GPU go through pinned memory so the copy does not block the host."
+    if device.type == "cuda":
+        pin = lambda t: t.pin_memory() if t is not None and t.device.type == "cpu" else t
+        batch = replace(batch, inputs=pin(batch.inputs), targets=pin(batch.targets), segment_ids=pin(batch.segment_ids))
+    return batch.to(device)
+
+def _flush(pending: list, hist: History, bar=None):
+    "Record the pending steps `(step, lr, loss, metrics)`: every tensor among them reaches the host in one copy."
+    if not pending: return
+    tensors = [v for _, _, loss, metrics in pending for v in (loss, *metrics.values()) if isinstance(v, torch.Tensor)]
+    device = tensors[0].device if tensors else None
+    host = iter(torch.stack([t.float().reshape(()).to(device) for t in tensors]).tolist() if tensors else [])
+    for step, lr, loss, metrics in pending:
+        hist.steps.append(step); hist.lr.append(lr)
+        hist.train_loss.append(next(host) if isinstance(loss, torch.Tensor) else float(loss))
+        hist.log(step, **{k: next(host) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()})
+    pending.clear()
+    if bar is not None: bar.set_postfix(train=f"{hist.train_loss[-1]:.3f}", refresh=False)
+
+# %% ../nbs/00c_train.ipynb #2f074871
+class _Window:
+    "The steady-state timer: opened after the warm-up steps, paused around evaluation, callbacks and checkpoints."
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.opened, self._t0 = device, 0.0, False, None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda": torch.cuda.synchronize(self.device)   # queued GPU work belongs before the mark
+        return time.perf_counter()
+
+    def open(self): self.opened = True; self._t0 = self._now()
+
+    def pause(self):
+        if self._t0 is not None: self.seconds += self._now() - self._t0; self._t0 = None
+
+    def resume(self):
+        if self.opened and self._t0 is None: self._t0 = self._now()
+
+# %% ../nbs/00c_train.ipynb #767e9dac
+def rank_world() -> tuple[int, int]:
+    "This process's rank and the number of ranks (0, 1 without torch.distributed)."
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    "Every random state a run draws from: Python, NumPy, torch (CPU, and this rank's GPU if present), the data generator."
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(device if device.type == "cuda" else "cuda")
+    return state
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], device if device.type == "cuda" else "cuda")
 
 # %% ../nbs/00c_train.ipynb #aff074e1
 def default_loss(model: nn.Module, batch: Batch):
@@ -128,72 +268,148 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 @torch.no_grad()
 def evaluate(model: nn.Module, get_batch: Callable, cfg: TrainConfig, loss_fn: Callable = default_loss,
              device=None) -> float:
     "Mean loss over `cfg.eval_batches` validation batches (the same batches every call; averaged over ranks)."
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed + 12_345)
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            total += loss_fn(model, get_batch("val", g).to(device))[0].float()
+            total += loss_fn(model, _to_device(get_batch("val", g), device))[0].float()
     model.train(was_training)
-    if _rank_world()[1] > 1:
+    if rank_world()[1] > 1:
         dist.all_reduce(total)
         total /= dist.get_world_size()
     return total.item() / cfg.eval_batches
 
-def train(model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], cfg: TrainConfig,
-          loss_fn: Callable | None = None, device=None) -> History:
-    """Train `model` for `cfg.steps` steps on batches from `get_batch(split, generator)`; return the `History`.
+def _run_callback(callback, step: int, model: nn.Module, hist: History):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = callback(step, model, hist)
+    finally:
+        model.train(was_training)
+    if out is not None and not isinstance(out, dict):
+        raise TypeError(f"a callback returns a dict of scalars or None, not {type(out).__name__}")
+    if out: hist.log(step, **out)
 
-    The model is moved to `device` (default: CUDA if present) and trained in place."""
+def _save_resumable(path, model, opt, steps_done: int, hist: History, cfg: TrainConfig, g, device):
+    "Write a checkpoint that `train(..., resume_from=path)` continues exactly (collective under DDP: every rank calls it)."
+    rank, world = rank_world()
+    ranks = [{"rng": _rng_state(g, device), "history": hist.to_dict()}]   # each rank's own random states and losses
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, {"rng": _rng_state(g, device), "history": hist.to_dict()})
+    if rank == 0:
+        save_checkpoint(path, model, optimizer=opt, step=steps_done, history=hist, train_config=cfg.identity(), ranks=ranks)
+
+def _resume(path, model, opt, g, cfg: TrainConfig, device) -> tuple[int, History]:
+    "Restore a checkpoint written by `train`: weights, optimizer, random states; returns (steps done, history)."
+    rank, world = rank_world()
+    state = load_checkpoint(path)
+    extra = state.get("extra") or {}
+    if "ranks" not in extra:
+        raise ValueError(f"{path} is not a resumable checkpoint: train(checkpoint_path=...) writes those, save_checkpoint alone does not")
+    saved, now = extra["train_config"], cfg.identity()
+    differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"cannot resume {path} exactly: TrainConfig fields differ (saved, now): {differ}")
+    if len(extra["ranks"]) != world:
+        raise ValueError(f"{path} was written by {len(extra['ranks'])} ranks; resuming it with {world} would not reproduce the run")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    _set_rng_state(extra["ranks"][rank]["rng"], g, device)
+    return state["step"], History.from_dict(extra["ranks"][rank]["history"])
+
+def train(model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], cfg: TrainConfig,
+          loss_fn: Callable | None = None, device=None, *, callbacks=(), resume_from=None,
+          epoch_tokens: int | None = None) -> History:
+    """Train `model` for `cfg.steps` optimizer steps on batches from `get_batch(split, generator)`; return the `History`.
+
+    The model is moved to `device` (default: CUDA if present) and trained in place. `loss_fn(model, batch)` returns
+    `(loss, metrics)` (default: the model's own loss) and gets the model, or a `ModelProxy` when DDP/compile wrap it.
+    `callbacks`: `Callback`s run every `callback.every` steps. `resume_from`: a checkpoint written by a run with
+    `cfg.checkpoint_path`, continued exactly. `epoch_tokens`: tokens in one pass over the training data (the history
+    then reports `epochs`)."""
     from tqdm import tqdm   # plain text bar: no widget dependency in notebooks or logs
     loss_fn = loss_fn or default_loss
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not callable(cb) or getattr(cb, "every", 0) < 1:
+            raise TypeError(f"callbacks must be Callback-like (callable with `every` >= 1), got {cb!r}")
     device = torch.device(device) if device is not None else default_device()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     seed_everything(cfg.seed)
     model.to(device).train()
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
     opt = make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(cfg.seed + rank)
-    hist = History(flops_per_token=getattr(model, "flops_per_token", lambda t: 0.0)(cfg.seq_len))
+    start, hist = 0, History(flops_per_token=getattr(model, "flops_per_token", lambda t: 0.0)(cfg.seq_len))
+    if resume_from is not None:
+        start, hist = _resume(resume_from, model, opt, g, cfg, device)
+    hist.config, hist.world_size, hist.epoch_tokens = asdict(cfg), world, epoch_tokens
+    hist.device = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
+    forward = ddp if ddp is not None else model
+    if cfg.compile:
+        forward = torch.compile(forward)
+    view = model if forward is model else ModelProxy(forward, model)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress or rank != 0, mininterval=2.0)
-    tokens, start = 0, time.perf_counter()
+    k = cfg.grad_accum_steps
+    window, pending, timed_tokens, timed_steps = _Window(device), [], 0, 0
+    opens_at = min(start + cfg.timing_warmup, cfg.steps - 1)
+    started = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or rank != 0, mininterval=2.0)
     for step in bar:
+        if step == opens_at: window.open()
         lr = lr_at(step, cfg)
         for group in opt.param_groups: group["lr"] = lr
-        batch = get_batch("train", g).to(device)
-        with torch.autocast(**autocast):
-            loss, metrics = loss_fn(train_model, batch)
-        loss.backward()
+        loss_sum, metric_sums, step_tokens = 0.0, {}, 0
+        for micro in range(k):
+            batch = _to_device(get_batch("train", g), device)
+            with nullcontext() if ddp is None or micro == k - 1 else ddp.no_sync():   # all-reduce on the last micro-step only
+                with torch.autocast(**autocast):
+                    loss, metrics = loss_fn(view, batch)
+                (loss / k).backward()
+            loss_sum = loss_sum + loss.detach()
+            for name, v in metrics.items():
+                if isinstance(v, torch.Tensor):
+                    if v.numel() != 1: raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(v.shape)}")
+                    v = v.detach()
+                metric_sums[name] = metric_sums.get(name, 0.0) + v
+            step_tokens += batch.inputs.numel()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch.inputs.numel() * world
-        hist.steps.append(step); hist.lr.append(lr); hist.train_loss.append(loss.item())
-        for k, v in metrics.items():
-            hist.metrics.setdefault(k, []).append(float(v))
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or step == 0:
-            hist.val_steps.append(step); hist.val_loss.append(evaluate(model, get_batch, cfg, loss_fn, device))
-            bar.set_postfix(train=f"{hist.train_loss[-1]:.3f}", val=f"{hist.val_loss[-1]:.3f}")
-    if device.type == "cuda": torch.cuda.synchronize()
-    hist.seconds = time.perf_counter() - start
-    hist.tokens_per_s = tokens / hist.seconds
+        hist.tokens += step_tokens * world
+        if epoch_tokens: hist.epochs = hist.tokens / epoch_tokens
+        if window.opened: timed_tokens, timed_steps = timed_tokens + step_tokens, timed_steps + 1
+        pending.append((step, lr, loss_sum / k, {name: v / k for name, v in metric_sums.items()}))
+        if (step + 1) % cfg.log_every == 0: _flush(pending, hist, bar)
+        evaluate_now = _due(step, cfg.eval_every, cfg.steps)
+        due = [cb for cb in callbacks if _due(step, cb.every, cfg.steps)]
+        save = cfg.checkpoint_path is not None and (step + 1 == cfg.steps or
+                                                    (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0))
+        if evaluate_now or due or save:
+            window.pause()
+            _flush(pending, hist, bar)
+            if evaluate_now:
+                hist.val_steps.append(step); hist.val_loss.append(evaluate(model, get_batch, cfg, loss_fn, device))
+                bar.set_postfix(train=f"{hist.train_loss[-1]:.3f}", val=f"{hist.val_loss[-1]:.3f}")
+            for cb in due: _run_callback(cb, step, model, hist)
+            if save: _save_resumable(cfg.checkpoint_path, model, opt, step + 1, hist, cfg, g, device)
+            window.resume()
+    window.pause()
+    _flush(pending, hist, bar)
+    hist.seconds = time.perf_counter() - started
+    hist.timed_steps, hist.timed_seconds = timed_steps, window.seconds
+    hist.tokens_per_s_per_device = timed_tokens / window.seconds if window.seconds > 0 else 0.0
+    hist.tokens_per_s = hist.tokens_per_s_per_device * world
     return hist
 
 # %% ../nbs/00c_train.ipynb #c6ebf698
@@ -205,9 +421,9 @@ def save_checkpoint(path, model: nn.Module, *, optimizer=None, step: int = 0, hi
     state = {"model": model.state_dict(), "config": asdict(cfg) if cfg is not None else None, "step": step,
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "history": history.to_dict() if history is not None else None, "extra": extra}
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # unique per process: several may write the same path
     torch.save(state, tmp)
-    tmp.replace(path)
+    tmp.replace(path)   # atomic: a reader never sees a half-written file
 
 def load_checkpoint(path, model: nn.Module | None = None, *, optimizer=None, map_location="cpu") -> dict:
     "Load a checkpoint; if `model`/`optimizer` are given, restore their state. Returns the stored dict."

@@ -3,7 +3,11 @@
 Run on a GPU machine from the repository root (no nbdev or Jupyter needed there):
     pip install --no-deps --no-build-isolation -e .
     python scripts/foundations_gpu.py [bench|full|all]
-Results go to results/rmsnorm/{forward,backward}.json and results/baseline/full.json.
+    torchrun --nproc_per_node=N scripts/foundations_gpu.py full      # the baseline under DDP
+Results go to results/rmsnorm/{forward,backward}.json and results/baseline/full.json. The baseline reads the
+stdlib+site corpus (reading and tokenizing it are outside the timed window), trains at most 2 epochs of it
+(lmcourse.baseline.fit_to_epochs) and stores what it did: its TrainConfig, tokens, epochs, the corpus versions,
+tokens/s in total and per GPU over the steady-state window, and MFU against the nominal peak it states.
 """
 import sys
 
