@@ -6,11 +6,11 @@ Docs: https://lmcourse.github.io/lmcourse/aoe.html.md"""
 
 # %% auto #0
 __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_params', 'aoe_expert_params', 'param_mismatch',
-           'topk_softmax', 'aoe_gate_reference', 'router_gate_reference', 'ExpertSort', 'sort_by_expert',
-           'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
-           'GroupedSwiGLUFunction', 'grouped_swiglu', 'routing_stats', 'MoELayer', 'AoELayer', 'layer_flops',
-           'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds', 'lm_data',
-           'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
+           'gate_weights', 'topk_softmax', 'aoe_gate_reference', 'router_gate_reference', 'ExpertSort',
+           'sort_by_expert', 'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
+           'GroupedSwiGLUFunction', 'grouped_swiglu', 'compile_cases', 'routing_stats', 'MoELayer', 'AoELayer',
+           'layer_flops', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds',
+           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
 
 # %% ../nbs/05_aoe.ipynb #0e2f929e
 import math
@@ -23,13 +23,13 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer
-from .testing import alloc_output
+from .testing import CompileCase, KnownFailure, alloc_output, use_gpu_tiles
 
 # %% ../nbs/05_aoe.ipynb #f2b5b805
 def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
-    "Hidden size D of an AoE expert with as many parameters as a SwiGLU expert of width `d_ffn`: round((3dF − rd)/(r + 2d))."
+    "Smallest hidden size D of an AoE expert with at least as many parameters as a SwiGLU expert of width `d_ffn`: ⌈(3dF − rd)/(r + 2d)⌉."
     if min(d_model, d_ffn, d_low) < 1: raise ValueError("d_model, d_ffn and d_low must be positive")
-    return round((3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model))
+    return -(-(3 * d_model * d_ffn - d_low * d_model) // (d_low + 2 * d_model))      # integer ceiling
 
 def moe_expert_params(d_model: int, d_ffn: int) -> int:
     "Parameters of one SwiGLU expert: W_g, W_p [d, F] and W_o [F, d]."
@@ -40,33 +40,43 @@ def aoe_expert_params(d_model: int, d_low: int, d_wide: int) -> int:
     return d_model * d_low + d_low * d_wide + 2 * d_model * d_wide
 
 def param_mismatch(d_model: int, d_ffn: int, d_low: int) -> dict:
-    "How close the rounded `aoe_d_wide` comes: expert sizes, the difference, and its share of a MoE expert."
+    "How close the rounded-up `aoe_d_wide` comes: expert sizes, the difference (never negative), and its share of a MoE expert."
     D = aoe_d_wide(d_model, d_ffn, d_low)
     moe, aoe = moe_expert_params(d_model, d_ffn), aoe_expert_params(d_model, d_low, D)
     return dict(d_low=d_low, d_wide=D, d_wide_exact=(3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model),
                 moe_expert=moe, aoe_expert=aoe, diff=aoe - moe, rel_diff=(aoe - moe) / moe)
 
 # %% ../nbs/05_aoe.ipynb #de3db3c8
-def topk_softmax(scores: torch.Tensor, top_k: int):
-    "scores [T, n] -> (indices [T, K] int64, weights [T, K] fp32): the top-K scores and a softmax over them."
-    values, idx = torch.topk(scores.float(), top_k, dim=-1)
-    return idx, torch.softmax(values, dim=-1)
+def gate_weights(scores: torch.Tensor, idx: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """Gate weights of the selected experts idx [T, K] from scores [T, n] (fp32, or float64 for float64 scores).
 
-def aoe_gate_reference(x: torch.Tensor, w_down: torch.Tensor, top_k: int):
+    `renormalize=True`: softmax over the K selected scores (Algorithm 2, the historic official `moe.py`; sums to 1).
+    `renormalize=False`: the full softmax's p_i at the selected experts (the current official MegaBlocks layer,
+    and Switch's top-1 gate; sums to ≤ 1, and carries gradient even at K = 1)."""
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    if renormalize: return torch.softmax(torch.gather(scores, 1, idx), dim=-1)
+    return torch.gather(torch.softmax(scores, dim=-1), 1, idx)
+
+def topk_softmax(scores: torch.Tensor, top_k: int, renormalize: bool = True):
+    "scores [T, n] -> (indices [T, K] int64, weights [T, K]): the top-K scores, best first, and their `gate_weights`."
+    idx = torch.topk(scores, top_k, dim=-1).indices
+    return idx, gate_weights(scores, idx, renormalize)
+
+def aoe_gate_reference(x: torch.Tensor, w_down: torch.Tensor, top_k: int, renormalize: bool = True):
     """AoE self-evaluation in PyTorch. x [T, d], w_down [n, d, r] ->
     (cache C [T, n·r], norms [T, n] fp32, indices [T, K], weights [T, K], counts [n], prob_sum [n])."""
     n, d, r = w_down.shape
     cache = torch.einsum("td,edr->ter", x, w_down)                       # c_{t,i} = x_t W_down,i
     norms = torch.linalg.vector_norm(cache.float(), dim=-1)              # s_{t,i} = ||c_{t,i}||, fp32
-    idx, weights = topk_softmax(norms, top_k)
+    idx, weights = topk_softmax(norms, top_k, renormalize)
     counts = torch.bincount(idx.flatten(), minlength=n)
     prob_sum = torch.softmax(norms, dim=-1).sum(0)
     return cache.reshape(len(x), n * r), norms, idx, weights, counts, prob_sum
 
-def router_gate_reference(x: torch.Tensor, w_router: torch.Tensor, top_k: int):
+def router_gate_reference(x: torch.Tensor, w_router: torch.Tensor, top_k: int, renormalize: bool = True):
     "Linear-router gate: x [T, d], w_router [n, d] -> (logits [T, n] fp32, indices, weights, counts, prob_sum)."
     logits = (x @ w_router.t()).float()
-    idx, weights = topk_softmax(logits, top_k)
+    idx, weights = topk_softmax(logits, top_k, renormalize)
     return logits, idx, weights, torch.bincount(idx.flatten(), minlength=w_router.shape[0]), torch.softmax(logits, -1).sum(0)
 
 # %% ../nbs/05_aoe.ipynb #040a9f48
@@ -110,12 +120,13 @@ def _aoe_gate_fwd_kernel(
     c_ptr,          # out [T, n·r] low-rank cache
     s_ptr,          # out [T, n] fp32 norms
     idx_ptr,        # out [T, K] int32 selected experts, best first
-    g_ptr,          # out [T, K] fp32 gate weights (softmax over the selected norms)
+    g_ptr,          # out [T, K] fp32 gate weights (`gate_weights` of the selected norms)
     count_ptr,      # in/out [n] int32, zero on entry: how many tokens selected each expert
     psum_ptr,       # in/out [n] fp32, zero on entry: Σ over tokens of softmax(norms)
     T, D_MODEL, N_EXPERTS, R,
     stride_xt, stride_we, stride_wd, stride_ct,
     TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,   # g = softmax over the K winners (True) or the full softmax's p at them (False)
     BLOCK_M: tl.constexpr,   # tokens per program
     BLOCK_D: tl.constexpr,   # reduction chunk over d
     BLOCK_R: tl.constexpr,   # columns of one expert's r handled at a time
@@ -123,7 +134,7 @@ def _aoe_gate_fwd_kernel(
     BLOCK_K: tl.constexpr,   # next power of two ≥ K
 ):
     i_m = tl.program_id(0)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: T·n·r passes 2³¹ at long batches
     m_m = o_m < T
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < N_EXPERTS
@@ -148,8 +159,10 @@ def _aoe_gate_fwd_kernel(
     tl.store(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], b_s, mask=m_m[:, None] & m_e[None, :])
     b_s = tl.where(m_e[None, :], b_s, float("-inf"))
     # full softmax over all n experts: this tile's share of P (the balance loss needs every expert)
-    b_p = tl.exp(b_s - tl.max(b_s, axis=1)[:, None])
-    b_p = b_p / tl.sum(b_p, axis=1)[:, None]
+    b_smax = tl.max(b_s, axis=1)
+    b_p = tl.exp(b_s - b_smax[:, None])
+    b_psum = tl.sum(b_p, axis=1)
+    b_p = b_p / b_psum[:, None]
     b_p = tl.where(m_m[:, None], b_p, 0.0)
     tl.atomic_add(psum_ptr + o_e, tl.sum(b_p, axis=0), mask=m_e)
     # top-K: K rounds of argmax, each winner masked out for the next round
@@ -164,9 +177,12 @@ def _aoe_gate_fwd_kernel(
         b_hit = o_e[None, :] == b_best[:, None]
         b_hits += b_hit.to(tl.int32)
         b_rest = tl.where(b_hit, float("-inf"), b_rest)
-    # softmax over the K winners (column 0 holds the largest)
-    b_g = tl.exp(b_top - tl.max(b_top, axis=1)[:, None])
-    b_g = b_g / tl.sum(b_g, axis=1)[:, None]
+    # column 0 holds the largest; the -inf padding columns get weight 0
+    if RENORMALIZE:
+        b_g = tl.exp(b_top - tl.max(b_top, axis=1)[:, None])
+        b_g = b_g / tl.sum(b_g, axis=1)[:, None]
+    else:
+        b_g = tl.exp(b_top - b_smax[:, None]) / b_psum[:, None]
     tl.store(g_ptr + o_m[:, None] * TOP_K + o_k[None, :], b_g, mask=m_m[:, None] & (o_k[None, :] < TOP_K))
     b_hits = tl.where(m_m[:, None], b_hits, 0)
     tl.atomic_add(count_ptr + o_e, tl.sum(b_hits, axis=0), mask=m_e)
@@ -185,33 +201,38 @@ def _aoe_gate_bwd_kernel(
     dct_ptr,        # out [T, n·r] total dL/dC
     T, N_EXPERTS, R,
     stride_ct,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_m = tl.program_id(0)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < T
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < N_EXPERTS
     m_me = m_m[:, None] & m_e[None, :]
     b_s = tl.load(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], mask=m_me, other=0.0)
     b_ds = tl.load(ds_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], mask=m_me, other=0.0)
-    # prob_sum = Σ_t softmax(s_t): dL/ds += p ⊙ (dpsum − <p, dpsum>)
+    # p = softmax(s) over all n experts; dL/dp starts as dL/dprob_sum
     b_logit = tl.where(m_e[None, :], b_s, float("-inf"))
     b_p = tl.exp(b_logit - tl.max(b_logit, axis=1)[:, None])
     b_p = b_p / tl.sum(b_p, axis=1)[:, None]
-    b_dpsum = tl.load(dpsum_ptr + o_e, mask=m_e, other=0.0)
-    b_ds += b_p * (b_dpsum[None, :] - tl.sum(b_p * b_dpsum[None, :], axis=1)[:, None])
-    # g = softmax over the selected norms: dL/ds_{idx_k} += g_k (dg_k − <g, dg>)
+    b_dp = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32) + tl.load(dpsum_ptr + o_e, mask=m_e, other=0.0)[None, :]
     o_k = tl.arange(0, BLOCK_K)
     m_mk = m_m[:, None] & (o_k[None, :] < TOP_K)
     b_g = tl.load(g_ptr + o_m[:, None] * TOP_K + o_k[None, :], mask=m_mk, other=0.0)
     b_dg = tl.load(dg_ptr + o_m[:, None] * TOP_K + o_k[None, :], mask=m_mk, other=0.0)
-    b_gdg = tl.sum(b_g * b_dg, axis=1)
+    if RENORMALIZE:   # g = softmax over the selected norms: dL/ds_{idx_k} += g_k (dg_k − <g, dg>)
+        b_dg = b_g * (b_dg - tl.sum(b_g * b_dg, axis=1)[:, None])
     for i_k in tl.static_range(TOP_K):
-        b_gk = tl.sum(tl.where(o_k[None, :] == i_k, b_g * (b_dg - b_gdg[:, None]), 0.0), axis=1)
+        b_dgk = tl.sum(tl.where(o_k[None, :] == i_k, b_dg, 0.0), axis=1)
         b_ik = tl.load(idx_ptr + o_m * TOP_K + i_k, mask=m_m, other=0)
-        b_ds += tl.where(o_e[None, :] == b_ik[:, None], b_gk[:, None], 0.0)
+        b_hit = o_e[None, :] == b_ik[:, None]
+        if RENORMALIZE:
+            b_ds += tl.where(b_hit, b_dgk[:, None], 0.0)
+        else:         # g = p at the selected experts: dg_k adds to dL/dp_{idx_k}
+            b_dp += tl.where(b_hit, b_dgk[:, None], 0.0)
+    # p = softmax(s) feeds prob_sum (and g when not renormalised): dL/ds += p ⊙ (dL/dp − <p, dL/dp>)
+    b_ds += b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None])
     # d||c||/dc = c / ||c||  (a zero cache row gets no gradient through its norm)
     b_coef = tl.where(b_s > 0, b_ds / tl.where(b_s > 0, b_s, 1.0), 0.0)
     for i_e in range(N_EXPERTS):
@@ -228,7 +249,7 @@ def _aoe_gate_bwd_kernel(
 def _pow2(n: int, lo: int = 16) -> int: return max(lo, triton.next_power_of_2(n))
 
 def _gate_blocks(x: torch.Tensor, d: int, r: int, n: int, k: int) -> dict:
-    on_gpu = x.is_cuda
+    on_gpu = use_gpu_tiles(x.device)        # the GPU's blocks on CUDA, and in the interpreter inside gpu_tiles()
     return dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(64, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r)),
                 BLOCK_E=_pow2(n, 2), BLOCK_K=_pow2(k, 2))
 
@@ -241,7 +262,7 @@ def _check_gate_inputs(x, w_down, top_k):
 
 class AoEGateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_down, top_k):
+    def forward(ctx, x, w_down, top_k, renormalize):
         _check_gate_inputs(x, w_down, top_k)
         x, w_down = x.contiguous(), w_down.contiguous()
         (T, d), (n, _, r) = x.shape, w_down.shape
@@ -254,7 +275,9 @@ class AoEGateFunction(torch.autograd.Function):
         blocks = _gate_blocks(x, d, r, n, top_k)
         _aoe_gate_fwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
             x, w_down, cache, norms, idx, weights, counts, prob_sum, T, d, n, r,
-            x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0), TOP_K=top_k, **blocks)
+            x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
+            **blocks)
+        ctx.renormalize = renormalize
         ctx.save_for_backward(x, w_down, cache, norms, idx, weights)
         ctx.mark_non_differentiable(idx, counts)
         return cache, norms, idx, weights, counts, prob_sum
@@ -268,19 +291,21 @@ class AoEGateFunction(torch.autograd.Function):
         blocks.pop("BLOCK_D")
         _aoe_gate_bwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
             cache, norms, idx, weights, d_cache.contiguous(), d_norms.float().contiguous(), d_weights.float().contiguous(),
-            d_prob_sum.float().contiguous(), d_total, T, n, r, cache.stride(0), TOP_K=idx.shape[1], **blocks)
+            d_prob_sum.float().contiguous(), d_total, T, n, r, cache.stride(0), TOP_K=idx.shape[1],
+            RENORMALIZE=ctx.renormalize, **blocks)
         d_total = d_total.to(x.dtype)
         w_flat = w_down.permute(1, 0, 2).reshape(d, n * r)                  # [d, n·r]
         dx = d_total @ w_flat.t()
         dw = (x.t() @ d_total).view(d, n, r).permute(1, 0, 2)
-        return dx, dw, None
+        return dx, dw, None, None
 
-def aoe_gate(x: torch.Tensor, w_down: torch.Tensor, top_k: int):
+def aoe_gate(x: torch.Tensor, w_down: torch.Tensor, top_k: int, renormalize: bool = True):
     """Fused AoE self-evaluation (Triton). x [T, d], w_down [n, d, r] ->
     (cache [T, n·r], norms [T, n] fp32, indices [T, K] int32, weights [T, K] fp32, counts [n] int32, prob_sum [n] fp32).
 
-    Differentiable in x and w_down through the cache, the norms, the weights and prob_sum."""
-    return AoEGateFunction.apply(x, w_down, top_k)
+    Weights as `gate_weights(norms, indices, renormalize)`. Differentiable in x and w_down through the cache,
+    the norms, the weights and prob_sum."""
+    return AoEGateFunction.apply(x, w_down, top_k, renormalize)
 
 # %% ../nbs/05_aoe.ipynb #167c17b0
 @triton.jit
@@ -404,7 +429,7 @@ def _grouped_weight_grad_kernel(
 
 # %% ../nbs/05_aoe.ipynb #e5f48c2e
 def _grouped_blocks(device: torch.device) -> dict:
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if device.type == "cuda" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if use_gpu_tiles(device) else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
 def tile_schedule(offsets: torch.Tensor, n_rows: int, block_m: int):
     """Tiles of `block_m` sorted rows, none straddling two experts, built on the device (no host sync).
@@ -500,6 +525,62 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
     h = F.silu(torch._grouped_mm(z[z_rows.long()], w_gate, offs=ends)) * torch._grouped_mm(x[x_rows.long()], w_p, offs=ends)
     return torch._grouped_mm(h, w_o, offs=ends)
 
+# %% ../nbs/05_aoe.ipynb #a0e1c002
+def compile_cases() -> list[CompileCase]:
+    "Representative GPU launches for the compile test: gate and grouped SwiGLU, forward and backward, every dtype."
+    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give BLOCK_D=64,
+        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_R=128): small; never read
+        w = torch.empty(s["n_experts"], 64, 128, dtype=dtype, requires_grad=True)
+        cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"], renormalize)
+        outs = [cache, norms, weights, prob_sum]
+        torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+
+    def experts(s: dict, dtype: torch.dtype):
+        T, d, n, K, r = 64, s["d_model"], s["n_experts"], s["top_k"], s["d_low"]
+        D = aoe_d_wide(d, s["d_ffn"], r)
+        idx = torch.arange(T * K).view(T, K) % n                                          # round-robin routing
+        sort = sort_by_expert(idx, torch.bincount(idx.flatten(), minlength=n))
+        z, x = torch.empty(T * n, r, dtype=dtype, requires_grad=True), torch.empty(T, d, dtype=dtype, requires_grad=True)
+        w_up, w_p, w_o = (torch.empty(*shape, dtype=dtype, requires_grad=True) for shape in ((n, r, D), (n, d, D), (n, D, d)))
+        y = grouped_swiglu(z, x, w_up, w_p, w_o, sort.tokens * n + sort.experts, sort.tokens, sort.offsets)
+        y.backward(torch.empty_like(y))
+
+    def known(label, dtype):
+        name = str(dtype).removeprefix("torch.")
+        return [KnownFailure(12, f"spills registers at the GPU block sizes ({spill})", kernel, where, targets, tritons)
+                for dtypes, case, kernel, where, targets, tritons, spill in _KNOWN_COMPILE_FAILURES
+                if case == label and name in dtypes]
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype), known(f"gate {name}", dtype))
+                  for name, s in BENCH_SHAPES.items()]
+        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype),
+                                 known("experts fine-grained", dtype)))
+    # the MegaBlocks gate (renormalize=False) once: its forward and backward differ from the default only in the epilogue
+    cases.append(CompileCase("gate fine-grained megablocks", torch.bfloat16,
+                             lambda: gate(BENCH_SHAPES["fine-grained"], torch.bfloat16, renormalize=False),
+                             known("gate fine-grained megablocks", torch.bfloat16)))
+    return cases
+
+# What the compile test measured (Triton 3.9 on sm_90 and sm_80, 3.6 on sm_90; the 3.6 sm_80 entries are from before
+# D = 1056 and the int64 gate offsets, not re-measured): the compiles that spill today. Issue 12 retunes
+# the kernels; a fix that leaves its entry here fails the test (strict xfail), so delete the entry with the fix.
+# (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
+_BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
+_KNOWN_COMPILE_FAILURES = [
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.9",), "32 B"),
+    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.6",), "16-104 B"),
+    (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
+    (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
+    (("bfloat16",), "gate fine-grained megablocks", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "48-176 B"),
+    (_BF16_FP16, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
+    (("float32",), "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_80",), ("3.9", "3.6"), "216-1064 B"),
+    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
+     ("3.9", "3.6"), "568-1328 B"),
+]
+
 # %% ../nbs/05_aoe.ipynb #e8f032b8
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -519,12 +600,13 @@ def routing_stats(scores: torch.Tensor, counts: torch.Tensor, prob_sum: torch.Te
 
 class _SparseSwiGLU(nn.Module):
     "What MoELayer and AoELayer share: sort by expert, grouped SwiGLU, combine, statistics. Subclasses define `_gate`."
-    def __init__(self, d_model, n_experts, top_k, aux_loss_coef, impl):
+    def __init__(self, d_model, n_experts, top_k, aux_loss_coef, impl, renormalize):
         super().__init__()
         if not 1 <= top_k <= n_experts: raise ValueError(f"top_k={top_k} must lie in [1, n_experts={n_experts}]")
         if impl not in ("auto", "triton", "torch", "grouped_mm"):
             raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'grouped_mm'; got {impl!r}")
         self.d_model, self.n_experts, self.top_k, self.aux_loss_coef, self.impl = d_model, n_experts, top_k, aux_loss_coef, impl
+        self.renormalize = renormalize
         self.aux_loss = None
 
     def _path(self, x) -> str:
@@ -550,13 +632,19 @@ class _SparseSwiGLU(nn.Module):
         self.last_topk = idx.detach().reshape(*x.shape[:-1], self.top_k)
         return out.reshape(x.shape)
 
+def _per_layer_kw(cfg: ModelConfig, kw: dict) -> dict:
+    "from_config's defaults: the engine's scaled output init, and the model's α spread over its layers (mean, not sum)."
+    kw.setdefault("out_std", cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    return dict(kw, aux_loss_coef=kw.get("aux_loss_coef", 0.01) / cfg.n_layers)
+
 class MoELayer(_SparseSwiGLU):
-    """Router MoE: scores = x W_r, top-K, renormalised softmax, SwiGLU experts of width `d_ffn`, Switch balance loss.
+    """Router MoE: scores = x W_r, top-K, `gate_weights` (renormalised by default), SwiGLU experts of width `d_ffn`,
+    Switch balance loss with coefficient `aux_loss_coef` (this layer's share).
 
     Parameters: router.weight [n, d], w_g and w_p [n, d, F], w_o [n, F, d]."""
     def __init__(self, d_model: int, d_ffn: int, n_experts: int = 8, top_k: int = 2, aux_loss_coef: float = 0.01,
-                 impl: str = "auto", init_std: float = 0.02, out_std: float | None = None):
-        super().__init__(d_model, n_experts, top_k, aux_loss_coef, impl)
+                 impl: str = "auto", init_std: float = 0.02, out_std: float | None = None, renormalize: bool = True):
+        super().__init__(d_model, n_experts, top_k, aux_loss_coef, impl, renormalize)
         self.d_ffn = d_ffn
         self.router = nn.Linear(d_model, n_experts, bias=False)
         nn.init.normal_(self.router.weight, std=init_std)
@@ -566,9 +654,11 @@ class MoELayer(_SparseSwiGLU):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, d_ffn: int | None = None, **kw) -> "MoELayer":
-        "A layer sized from a `ModelConfig` (width `cfg.d_ffn` by default; scaled output init as in the engine)."
-        kw.setdefault("out_std", cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        return cls(cfg.d_model, d_ffn or cfg.d_ffn, init_std=cfg.init_std, **kw)
+        """A layer sized from a `ModelConfig` (width `cfg.d_ffn` by default; scaled output init as in the engine).
+
+        `aux_loss_coef` (default 0.01) is the model's α: each layer gets α / cfg.n_layers, so the engine's sum of
+        the layers' aux losses is α times the balance loss averaged over layers."""
+        return cls(cfg.d_model, d_ffn or cfg.d_ffn, init_std=cfg.init_std, **_per_layer_kw(cfg, kw))
 
     def active_params(self) -> int:
         "Parameters one token uses: the whole router plus K experts (the engine's FLOP count reads this)."
@@ -576,7 +666,7 @@ class MoELayer(_SparseSwiGLU):
 
     def _gate(self, x, dtype, triton_path):
         w_router = self.router.weight.to(dtype)
-        scores, idx, weights, counts, prob_sum = router_gate_reference(x, w_router, self.top_k)
+        scores, idx, weights, counts, prob_sum = router_gate_reference(x, w_router, self.top_k, self.renormalize)
         return x, False, self.w_g.to(dtype), scores, idx, weights, counts, prob_sum
 
 class AoELayer(_SparseSwiGLU):
@@ -584,8 +674,9 @@ class AoELayer(_SparseSwiGLU):
 
     Parameters: w_down [n, d, r], w_up [n, r, D], w_p [n, d, D], w_o [n, D, d]."""
     def __init__(self, d_model: int, d_low: int, d_wide: int, n_experts: int = 8, top_k: int = 2,
-                 aux_loss_coef: float = 0.01, impl: str = "auto", init_std: float = 0.02, out_std: float | None = None):
-        super().__init__(d_model, n_experts, top_k, aux_loss_coef, impl)
+                 aux_loss_coef: float = 0.01, impl: str = "auto", init_std: float = 0.02, out_std: float | None = None,
+                 renormalize: bool = True):
+        super().__init__(d_model, n_experts, top_k, aux_loss_coef, impl, renormalize)
         self.d_low, self.d_wide = d_low, d_wide
         self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_low) * init_std)
         self.w_up = nn.Parameter(torch.randn(n_experts, d_low, d_wide) * init_std)
@@ -594,9 +685,9 @@ class AoELayer(_SparseSwiGLU):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, d_low: int, d_ffn: int | None = None, **kw) -> "AoELayer":
-        "A layer with as many expert parameters as `MoELayer.from_config(cfg, d_ffn)`: D = aoe_d_wide(d, F, r)."
-        kw.setdefault("out_std", cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        return cls(cfg.d_model, d_low, aoe_d_wide(cfg.d_model, d_ffn or cfg.d_ffn, d_low), init_std=cfg.init_std, **kw)
+        "A layer with as many expert parameters as `MoELayer.from_config(cfg, d_ffn)`: D = aoe_d_wide(d, F, r); α as there."
+        return cls(cfg.d_model, d_low, aoe_d_wide(cfg.d_model, d_ffn or cfg.d_ffn, d_low), init_std=cfg.init_std,
+                   **_per_layer_kw(cfg, kw))
 
     def active_params(self) -> int:
         "Parameters one token uses: every expert's W_down (all experts self-evaluate) plus the rest of K experts."
@@ -604,7 +695,7 @@ class AoELayer(_SparseSwiGLU):
 
     def _gate(self, x, dtype, triton_path):
         gate = aoe_gate if triton_path else aoe_gate_reference
-        cache, norms, idx, weights, counts, prob_sum = gate(x, self.w_down.to(dtype), self.top_k)
+        cache, norms, idx, weights, counts, prob_sum = gate(x, self.w_down.to(dtype), self.top_k, self.renormalize)
         return cache.view(-1, self.d_low), True, self.w_up.to(dtype), norms, idx, weights, counts, prob_sum
 
 # %% ../nbs/05_aoe.ipynb #ffc17fa9
@@ -699,10 +790,12 @@ def plot_benchmark(result: dict, mode: str = "fwd+bwd"):
 
 # %% ../nbs/05_aoe.ipynb #205a80d0
 def two_stage_toy(kind: str, seed: int = 0, dim: int = 64, noise: float = 0.25, mean_norm: float = 3.0,
-                  steps: int = 150, batch: int = 128, lr: float = 3e-3) -> dict:
+                  steps: int = 150, batch: int = 128, lr: float = 3e-3, renormalize: bool = False) -> dict:
     """Appendix-B-style toy: a 2-expert top-1 layer + linear head; stage 1 classes {+μ, −μ}, stage 2 adds a zero-mean class.
 
-    Returns per stage: the share of each class routed to expert 1, per-class accuracy, and the selection entropy."""
+    Top-1 with Switch's gate g = p_i (`renormalize=False`) so that the router gets a gradient from the task.
+    Returns the norm of ∂CE/∂(gate parameters) at the first step (router weight or W_down), and per stage:
+    the share of each class routed to expert 1, per-class accuracy, and the selection entropy."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(dim, generator=g)
@@ -710,9 +803,12 @@ def two_stage_toy(kind: str, seed: int = 0, dim: int = 64, noise: float = 0.25, 
     def sample(n, classes):
         y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
         return means[y] + noise * torch.randn(n, dim, generator=g), y
-    layer = (AoELayer(dim, 16, 64, n_experts=2, top_k=1, impl="torch", init_std=0.1) if kind == "aoe"
-             else MoELayer(dim, 64, n_experts=2, top_k=1, impl="torch", init_std=0.1))
+    common = dict(n_experts=2, top_k=1, impl="torch", init_std=0.1, renormalize=renormalize)
+    layer = AoELayer(dim, 16, 64, **common) if kind == "aoe" else MoELayer(dim, 64, **common)
     head = nn.Linear(dim, 3)
+    gate_param = layer.w_down if kind == "aoe" else layer.router.weight
+    x, y = sample(batch, [0, 1])
+    gate_grad = torch.autograd.grad(F.cross_entropy(head(layer(x)), y), gate_param)[0].norm().item()
     opt = torch.optim.AdamW([*layer.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     stages = []
     for classes in ([0, 1], [0, 1, 2]):
@@ -729,7 +825,7 @@ def two_stage_toy(kind: str, seed: int = 0, dim: int = 64, noise: float = 0.25, 
             stages.append(dict(share_to_expert1=[to_e1[y == c].float().mean().item() for c in range(3)],
                                accuracy=[correct[y == c].float().mean().item() for c in range(3)],
                                selection_entropy=layer.selection_entropy.item()))
-    return dict(kind=kind, seed=seed, stages=stages)
+    return dict(kind=kind, seed=seed, gate_grad=gate_grad, stages=stages)
 
 # %% ../nbs/05_aoe.ipynb #3fef4354
 LM_SIZES = {
@@ -833,13 +929,16 @@ def plot_lm_runs(runs: list[dict]):
     return fig, fig2
 
 # %% ../nbs/05_aoe.ipynb #f0e62f13
-def swap_mlp_for_aoe(model, d_low: int, n_experts: int = 8, top_k: int = 2, **kw) -> list[AoELayer]:
-    "Replace every `model.model.layers[i].mlp` of a Hugging Face Llama-style model by a parameter-matched AoELayer."
+def swap_mlp_for_aoe(model, d_low: int, n_experts: int = 8, top_k: int = 2, aux_loss_coef: float = 0.01,
+                     **kw) -> list[AoELayer]:
+    """Replace every `model.model.layers[i].mlp` of a Hugging Face Llama-style model by a parameter-matched AoELayer.
+
+    `aux_loss_coef` is the model's α, spread over the layers as in `AoELayer.from_config` (the mean over layers)."""
     c = model.config
     layers = []
     for block in model.model.layers:
         block.mlp = AoELayer(c.hidden_size, d_low, aoe_d_wide(c.hidden_size, c.intermediate_size, d_low), n_experts, top_k,
-                             init_std=c.initializer_range, **kw)
+                             aux_loss_coef=aux_loss_coef / len(model.model.layers), init_std=c.initializer_range, **kw)
         layers.append(block.mlp)
     return layers
 

@@ -7,7 +7,8 @@ Docs: https://lmcourse.github.io/lmcourse/interp.html.md"""
 # %% auto #0
 __all__ = ['Sender', 'FROZEN_QKV', 'Anatomy', 'anatomy', 'logit_minus_mean', 'logit_difference', 'minus_mean_weights',
            'difference_weights', 'head_outputs', 'Attribution', 'read_directions', 'direct_logit_attribution',
-           'all_heads', 'PathPatching', 'path_patch', 'path_patching_scores', 'HookedHF']
+           'all_heads', 'PathPatching', 'path_patch', 'path_patching_scores', 'HookedHF', 'NoMLP', 'activations_at',
+           'lens_logits']
 
 # %% ../nbs/00j_interp.ipynb #d4e596d8
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class Anatomy:
     def w_o(self, layer: int) -> torch.Tensor:
         "W_O of `layer` as [d, H·D], a view (editing it edits the model); columns h·D … h·D + D − 1 are head h's."
         m = self.out_proj[layer]
-        return m.weight if isinstance(m, nn.Linear) else m.weight.T      # HF Conv1D stores [in, out]
+        return m.weight.T if type(m).__name__ == "Conv1D" else m.weight   # HF's Conv1D stores [in, out]
 
     def b_o(self, layer: int) -> torch.Tensor | None:
         "The output projection's bias [d] (shared by the heads), or None."
@@ -402,6 +403,12 @@ class HookedHF(nn.Module):
         for handle in self._handles: handle.remove()
         self._handles.clear()
 
+    def refresh(self):
+        "Re-read the anatomy and re-attach the hooks: after replacing modules of the wrapped model (e.g. its output projections)."
+        self.remove_hooks()
+        self.anatomy = anatomy(self.model)
+        self._install()
+
     # -- the PyTorch hooks: each passes one activation through its hook point(s), only while one is active --------
     @staticmethod
     def _input_through(point):
@@ -468,3 +475,36 @@ class HookedHF(nn.Module):
         logits = self.model(input_ids=tokens, **kwargs).logits
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+# %% ../nbs/00j_interp.ipynb #0caaa233
+class NoMLP(nn.Module):
+    "A feed-forward block that adds nothing: `Transformer(cfg, ffn=lambda cfg, layer: NoMLP())` is attention-only."
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return torch.zeros_like(x)
+
+# %% ../nbs/00j_interp.ipynb #379e84c4
+_HEADS_FIRST = ("hook_q_pre", "hook_k_pre", "hook_q", "hook_k", "hook_v", "hook_pattern")
+
+def activations_at(model, tokens: torch.Tensor, names: Sequence[str], positions: torch.Tensor | None = None,
+                   **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass keeping the activations `names` only at one position per row (default: the last):
+    `(logits [B, V], {name: [B, ...]})` at those positions. Keyword arguments go to the model's forward."""
+    heads_first = [n for n in names if n.endswith(_HEADS_FIRST)]
+    if heads_first:
+        raise ValueError(f"activations_at reads activations with the position on axis 1; {heads_first} put the heads "
+                         "first: use model.run_with_cache for them")
+    _check_hooked(model)
+    if positions is not None: _position_mask(*tokens.shape, positions, tokens.device)    # a clear error for a wrong shape
+    store = {}
+    def keep(name):
+        def record(x): store[name] = _rows_at(x, positions).detach()
+        return record
+    with torch.no_grad(), patch(model, {n: keep(n) for n in names}):
+        logits, _ = model(tokens, **kwargs)
+    return _rows_at(logits, positions), store
+
+def lens_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """The logit lens: residual-stream vectors x [..., d] read through the model's final norm (its scale computed for
+    x) and unembedding, as if x were the last layer's output: logits [..., V]."""
+    a = anatomy(model)
+    with torch.no_grad():
+        return a.unembed(a.final_norm(x.to(a.unembed.weight.dtype)))

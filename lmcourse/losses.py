@@ -8,8 +8,8 @@ Docs: https://lmcourse.github.io/lmcourse/losses.html.md"""
 __all__ = ['IGNORE_INDEX', 'REDUCTIONS', 'LOG2E', 'STATS', 'LOGITS', 'GRAD', 'CPU_BLOCKS', 'TILE_BLOCK_V', 'GPU_CONFIGS',
            'linear_cross_entropy_ref', 'gpu_configs', 'forced_blocks', 'default_chunk_rows',
            'FusedLinearCrossEntropyFunction', 'CrossEntropyOutput', 'fused_linear_cross_entropy', 'segment_means',
-           'check_fused_ce', 'benchmark_fused_ce', 'benchmark_summary', 'final_hidden', 'fused_lm_loss',
-           'hf_causal_lm_loss']
+           'check_fused_ce', 'compile_cases', 'benchmark_fused_ce', 'benchmark_summary', 'final_hidden',
+           'fused_lm_loss', 'hf_causal_lm_loss']
 
 # %% ../nbs/00h_losses.ipynb #18f7e418
 from contextlib import contextmanager
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .testing import (alloc_output, assert_close, kernel_device, poisoned_outputs, random_tensors, tolerance,
-                              triton_interpreted)
+from .testing import (CompileCase, alloc_output, assert_close, check_dtype, kernel_device, poisoned_outputs,
+                              random_tensors, tolerance, triton_interpreted)
 
 # %% ../nbs/00h_losses.ipynb #a60ec9c2
 IGNORE_INDEX = -100
@@ -348,8 +348,6 @@ def _check_inputs(hidden, weight, targets, scale, ignore_index, reduction, segme
         raise ValueError(f"targets must be int32 or int64 class ids, got {targets.dtype}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"fused_linear_cross_entropy supports float32, float16 and bfloat16, not {hidden.dtype}")
     devices = {hidden.device, weight.device, targets.device} | ({scale.device} if scale is not None else set())
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -358,8 +356,7 @@ def _check_inputs(hidden, weight, targets, scale, ignore_index, reduction, segme
     if hidden.device.type == "cpu" and not triton_interpreted():
         raise RuntimeError("CPU tensors need the Triton interpreter: import lmcourse first (it sets TRITON_INTERPRET=1 "
                            "when no GPU is visible) or move the tensors to CUDA")
-    if hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu":
-        raise ValueError("bfloat16 is computed wrongly by the Triton CPU interpreter: use float32 or float16 on CPU")
+    check_dtype(hidden, what="fused_linear_cross_entropy")   # float32/16, bfloat16; no bf16 below sm_80 or in the interpreter
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int):
@@ -458,6 +455,24 @@ def check_fused_ce(T: int, V: int, H: int, *, dtype=torch.float32, reduction: st
             "dX": assert_close(xk.grad, xr.grad, 2 * tol, "dX", seed),
             "dW": assert_close(wk.grad, wr.grad, 2 * tol, "dW", seed)}
 
+# %% ../nbs/00h_losses.ipynb #f1c0a002
+def compile_cases() -> list[CompileCase]:
+    "Representative GPU launches for the compile test: every pass and reduction, bf16 at every GPU config, fp16/fp32 at one."
+    def launch(dtype: torch.dtype, i: int, reductions=("sum",)):
+        x = torch.empty(2048, 4096, dtype=dtype, requires_grad=True)            # never read: only recorded
+        w = torch.empty(128_256, 4096, dtype=dtype, requires_grad=True)
+        configs = {kind: gpu_configs(kind, dtype)[i % len(gpu_configs(kind, dtype))] for kind in GPU_CONFIGS}
+        with forced_blocks(**{kind: {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                              for kind, c in configs.items()}):
+            for reduction in reductions:                                         # 'sum': LOGITS pass; 'none': STATS, GRAD
+                loss = fused_linear_cross_entropy(x, w, torch.zeros(2048, dtype=torch.long), reduction=reduction,
+                                                  chunk_rows=1024)
+                loss.backward(torch.ones_like(loss))
+    n_configs = max(len(gpu_configs(kind, torch.bfloat16)) for kind in GPU_CONFIGS)
+    return ([CompileCase("V=128k config 0", torch.bfloat16, lambda: launch(torch.bfloat16, 0, ("sum", "none")))]
+            + [CompileCase(f"V=128k config {i}", torch.bfloat16, lambda i=i: launch(torch.bfloat16, i)) for i in range(1, n_configs)]
+            + [CompileCase("V=128k config 0", dtype, lambda dtype=dtype: launch(dtype, 0)) for dtype in (torch.float16, torch.float32)])
+
 # %% ../nbs/00h_losses.ipynb #0c83f33e
 def benchmark_fused_ce(vocab_sizes=(32_000, 128_256), T: int = 8192, H: int = 4096, dtype=torch.bfloat16) -> dict:
     "GPU sweep over `vocab_sizes`: rows {vocab, provider, ms, ms_p20, ms_p80, tflops, floor_ms, peak_mb, extra_mb}."
@@ -513,10 +528,17 @@ def benchmark_summary(result: dict) -> list[dict]:
     return out
 
 # %% ../nbs/00h_losses.ipynb #6d04d739
-def final_hidden(model, tokens: torch.Tensor, *, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    "The input of an `lmcourse.model.Transformer`'s head: norm(body(embed(tokens))), [B, T, d]."
+def final_hidden(model, tokens: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                 embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """The input of an `lmcourse.model.Transformer`'s head: norm(body(embed(tokens))), [B, T, d].
+
+    `embeddings` [B, T, d], if given, enter the body instead of `embed(tokens)` (noised or soft inputs)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return model.norm(model.body(model.embed(tokens, positions), positions, segment_ids=segment_ids))
+    if embeddings is None:
+        embeddings = model.embed(tokens, positions)
+    elif embeddings.shape[:2] != tokens.shape or embeddings.dim() != 3:
+        raise ValueError(f"embeddings must be [B, T, d] with [B, T] = {tuple(tokens.shape)}, got {tuple(embeddings.shape)}")
+    return model.norm(model.body(embeddings, positions, segment_ids=segment_ids))
 
 def fused_lm_loss(model, batch, *, reduction: str = "mean"):
     "A `loss_fn` for `lmcourse.train.train`: the model's next-token loss through the fused kernel; returns (loss, {})."

@@ -333,6 +333,7 @@ def train(model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], 
 
     The model is moved to `device` (default: CUDA if present) and trained in place. `loss_fn(model, batch)` returns
     `(loss, metrics)` (default: the model's own loss) and gets the model, or a `ModelProxy` when DDP/compile wrap it.
+    Every training batch's `info` gets `step`, `steps`, `micro_step` and `micro_steps` before `loss_fn` sees it.
     `callbacks`: `Callback`s run every `callback.every` steps. `resume_from`: a checkpoint written by a run with
     `cfg.checkpoint_path`, continued exactly. `epoch_tokens`: tokens in one pass over the training data (the history
     then reports `epochs`)."""
@@ -371,6 +372,7 @@ def train(model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], 
         loss_sum, metric_sums, step_tokens = 0.0, {}, 0
         for micro in range(k):
             batch = _to_device(get_batch("train", g), device)
+            batch.info.update(step=step, steps=cfg.steps, micro_step=micro, micro_steps=k)   # for losses with a schedule
             with nullcontext() if ddp is None or micro == k - 1 else ddp.no_sync():   # all-reduce on the last micro-step only
                 with torch.autocast(**autocast):
                     loss, metrics = loss_fn(view, batch)

@@ -5,10 +5,8 @@
     python scripts/batch_icl_gpu.py full     # the full toy run, clean and noisy pretraining, 3 seeds (at most 8 min)
 
 Each part is a function of a time budget (`.left()` seconds, `.skip(what, why)`) returning summary rows
-{"metric", "measured", "target"}, listed in PARTS: name -> (seconds, function) for the `make gpu` driver.
+{"metric", "measured", "target"}, `full` in PARTS (`make gpu-run CHAPTER=batch_icl`); `check` and `bench` in BY_HAND (no `make gpu` budget left).
 Needs only torch, triton and the package (`pip install --no-deps --no-build-isolation -e .`)."""
-import argparse
-import sys
 import time
 
 import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET when no GPU is visible)
@@ -90,27 +88,11 @@ def full(budget, seed=None) -> list[dict]:
     return rows
 
 
-PARTS = {"check": (60, check), "bench": (240, bench), "full": (480, full)}
-
-
-class _NoLimit:
-    "The budget of a part run by hand: no time limit."
-    def left(self) -> float: return float("inf")
-    def skip(self, what: str, why: str = "out of time"): print(f"skipped: {what} ({why})", flush=True)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default=["all"])
-    parser.add_argument("--seed", type=int, default=None, help="one seed for the full run (default 0, 1, 2)")
-    args = parser.parse_args()
-    if not gpu_available():
-        sys.exit("no CUDA device: this script only runs on a GPU machine")
-    for name in (list(PARTS) if "all" in args.parts else args.parts):
-        fn = PARTS[name][1]
-        for row in (fn(_NoLimit(), seed=args.seed) if name == "full" else fn(_NoLimit())):
-            print(row)
-
+PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=batch_icl
+BY_HAND = {"check": (60, check), "bench": (240, bench)}   # no make gpu budget left (estimated seconds, not measured)
 
 if __name__ == "__main__":
-    main()
+    if not gpu_available():
+        raise SystemExit("no CUDA device: this script only runs on a GPU machine")
+    from gpu import run_cli
+    run_cli({**BY_HAND, **PARTS})

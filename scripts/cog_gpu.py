@@ -1,21 +1,14 @@
-"""GPU runs of the Cog Attention chapter (nbs/03_cog.ipynb): kernel checks in every dtype, the benchmark sweep
-and the LM comparison, stored under results/cog/ through `lmcourse.bench.save_result`.
-
-On the GPU machine, from the repository root:
-    pip install --no-deps --no-build-isolation -e .
-    python scripts/cog_gpu.py                 # everything (~3 min checks + sweep, ~8 min LMs)
-    python scripts/cog_gpu.py --only bench    # one part: check | bench | lm
-"""
+"""GPU parts of the Cog Attention chapter (nbs/03_cog.ipynb), run by scripts/gpu.py (`make gpu`,
+`make gpu-run CHAPTER=cog`): the benchmark sweep (results/cog/{forward,backward}_hd{64,128}.json) and, as the full
+run, the kernel against float64 at realistic shapes (results/cog/gpu_check.json) and the softmax-vs-Cogformer LMs
+(results/cog/lm_comparison.json)."""
 import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the LM comparison uses the full sizes
 
-import argparse
-import time
-
 import lmcourse  # noqa: F401  (first, as everywhere)
 
-from lmcourse.bench import gpu_available, save_result
+from lmcourse.bench import save_result
 from lmcourse.cog import benchmark_cog, cog_attention, cog_attention_ref, cog_lm_comparison
 from lmcourse.testing import check_against_reference, kernel_dtypes, random_tensors
 
@@ -38,27 +31,32 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["check", "bench", "lm"], default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    args = parser.parse_args()
-    if not gpu_available():
-        raise SystemExit("scripts/cog_gpu.py needs a CUDA GPU")
-    parts = [args.only] if args.only else ["check", "bench", "lm"]
-    if "check" in parts:
-        start = time.perf_counter()
-        print("saved", save_result("cog", "gpu_check", gpu_check()), f"{time.perf_counter() - start:.0f} s")
-    if "bench" in parts:
-        start = time.perf_counter()
-        for name, result in benchmark_cog().items():
+def bench(budget):
+    "The causal sweep at S = 1k, 4k, 16k tokens per sequence (16k tokens a batch), head dims 64 then 128."
+    rows = []
+    for D in (64, 128):
+        if budget.left() < 40:
+            budget.skip(f"sweep at head dim {D}")
+            continue
+        for name, result in benchmark_cog(seq_lens=(1024, 4096, 16384), head_dims=(D,)).items():
             print("saved", save_result("cog", name, result))
-        print(f"benchmark: {time.perf_counter() - start:.0f} s")
-    if "lm" in parts:
-        start = time.perf_counter()
-        result = cog_lm_comparison(seeds=tuple(args.seeds))
-        print("saved", save_result("cog", "lm_comparison", result), f"{time.perf_counter() - start:.0f} s")
+            at = {r["provider"]: r for r in result["rows"] if r["seq_len"] == 16384}
+            rows.append({"metric": f"{name} S=16k: cog TFLOP/s, and vs F.sdpa (softmax)",
+                         "measured": f"{at['cog (triton)']['tflops']:.0f}, {at['F.sdpa']['ms'] / at['cog (triton)']['ms']:.2f}x",
+                         "target": "FA2/Triton class: 0.7-1.0x of SDPA's flash (perf_anchors 2.1)"})
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+def full(budget):
+    "Realistic-shape correctness in every dtype, then the LM comparison (seeds 0 and 1)."
+    print("saved", save_result("cog", "gpu_check", gpu_check()))
+    print("saved", save_result("cog", "lm_comparison", cog_lm_comparison(seeds=(0, 1))))
+    return [{"metric": "gpu_check and lm_comparison", "measured": "results/cog/", "target": "stored"}]
+
+
+PARTS = {"bench": (95, bench), "full": (480, full)}   # seconds; see results/README.md
+
+
+if __name__ == "__main__":   # python scripts/cog_gpu.py [bench | full | all]: the parts in this process, no time limit
+    from gpu import run_cli
+    run_cli(PARTS)

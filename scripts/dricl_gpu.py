@@ -22,6 +22,17 @@ from lmcourse.bench import save_result
 from lmcourse.dricl import ARMS, dricl_experiment_config, run_dricl_experiment
 
 
+def full(budget, seed: int = 0):
+    "The chapter's full experiment (pretrain, the fine-tuned arms, greedy evaluation), one seed."
+    result = run_dricl_experiment(dricl_experiment_config(), seed=seed)
+    print("saved", save_result("dricl", f"full_seed{seed}", result))
+    return [{"metric": f"{arm} held-out accuracy (last)", "measured": round(r["held_out"]["accuracy"][-1], 3),
+             "target": "dricl > nll (paper)"} for arm, r in result["arms"].items()]
+
+
+PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=dricl; its kernel tests are in make gpu's `tests` part
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["test", "full"])

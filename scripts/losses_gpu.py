@@ -33,6 +33,26 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
+def bench(budget):
+    "make gpu's trimmed sweep: the fused loss at V = 128k (T = 8192, H = 4096) against eager (and Liger)."
+    result = benchmark_fused_ce(vocab_sizes=(128_256,))
+    print("saved", save_result("losses", "fused_ce", result))
+    return [{"metric": f"fused CE V={r.get('vocab')}", "measured": {k: v for k, v in r.items() if k != "vocab"},
+             "target": "time <= 1.1x eager, memory >= 4x less (chapter targets)"} for r in benchmark_summary(result)]
+
+
+def full(budget):
+    "The kernel against float64 at realistic shapes in every dtype, then the sweep at V = 32k and 128k."
+    print("saved", save_result("losses", "gpu_check", gpu_check()))
+    result = benchmark_fused_ce()
+    print("saved", save_result("losses", "fused_ce", result))
+    return [{"metric": f"fused CE V={r.get('vocab')}", "measured": {k: v for k, v in r.items() if k != "vocab"},
+             "target": "time <= 1.1x eager, memory >= 4x less (chapter targets)"} for r in benchmark_summary(result)]
+
+
+PARTS = {"bench": (40, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=losses)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["test", "check", "bench", "all"])

@@ -62,6 +62,30 @@ def compiled_model_check() -> dict:
     return errors
 
 
+def bench(budget):
+    "make gpu's trimmed sweep: packed-document attention at T = 2048 only (FlexAttention compiles per shape)."
+    torch._dynamo.reset()
+    rows = []
+    for mode, result in benchmark_packed_attention(seq_lens=(2048,)).items():
+        print("saved", save_result("model", f"packed_attention_{mode}", result))
+        by = {r["provider"]: r for r in result["rows"]}
+        rows += [{"metric": f"packed attention {mode} T=2048: {name}", "measured": f"{r['tflops']:.0f} TFLOP/s",
+                  "target": "flex >= sdpa's masked path"} for name, r in by.items()]
+    return rows
+
+
+def full(budget):
+    "Every attention path against float64 in every dtype, the compiled model, then the full sweep."
+    print("saved", save_result("model", "gpu_check", {**gpu_check(), "compiled_model": compiled_model_check()}))
+    torch._dynamo.reset()
+    for mode, result in benchmark_packed_attention().items():
+        print("saved", save_result("model", f"packed_attention_{mode}", result))
+    return [{"metric": "gpu_check and packed attention sweep", "measured": "results/model/", "target": "stored"}]
+
+
+PARTS = {"bench": (40, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=model)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["check", "bench"], default=None)

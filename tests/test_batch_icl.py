@@ -217,6 +217,7 @@ def test_bad_arguments(setup):
 
 
 # -- the packed launch through other attention kernels --------------------------------------------------------
+@pytest.mark.gpu
 def test_packed_launch_through_the_cog_kernel_and_flex_equals_eager_separate_passes():
     from lmcourse.cog import make_attention_fn
     from lmcourse.model import sdpa_attention

@@ -13,8 +13,8 @@ from lmcourse.cog import (cog_attention, cog_attention_ref, cogformer_attention,
                           train_difference_task)
 from lmcourse.data import Batch
 from lmcourse.model import ModelConfig, Transformer, eager_attention, sdpa_attention
-from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, kernel_device, kernel_dtypes,
-                              random_tensors)
+from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, gpu_config_count, gpu_tiles,
+                              kernel_device, kernel_dtypes, random_tensors)
 
 DEVICE = kernel_device()
 
@@ -91,16 +91,40 @@ def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros
         [q, k, v], seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_kernel_matches_reference(case):
     _check(**case)
 
 
+def _forward_backward():
+    q, k, v = (torch.empty(1, 1, 64, 32, requires_grad=True) for _ in range(3))
+    cog_attention(q, k, v).sum().backward()
+
+
+# The GPU's tiles in the interpreter: config i of each autotune list (forward, dK/dV, dQ; BLOCK_M != BLOCK_N in most),
+# on problems several blocks long in both the query and the key dimension, so that the unmasked key blocks, the
+# masked diagonal blocks, the bottom-right causal offset (Tq < Tk) and the ragged last block all run at GPU sizes.
+GPU_TILE_CASES = [dict(Tq=300, Tk=300, D=64),
+                  dict(Tq=130, Tk=330, D=40),                                   # bottom-right causal, ragged head dim
+                  dict(Tq=150, Tk=290, D=32, causal=False, segments=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(gpu_config_count(_forward_backward)))
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_kernel_at_gpu_tiles(config, case):
+    with gpu_tiles(config):
+        _check(B=1, H=2, Hkv=1, **case)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 def test_kernel_dtypes(dtype):
     _check(B=1, H=2, Hkv=1, Tq=47, Tk=47, D=32, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_kernel_zero_logit_gradients_are_zero():
     (q, k, v), _ = random_tensors([(1, 1, 20, 16)] * 3, device=DEVICE)
     q[:, :, 4] = 0
@@ -111,6 +135,7 @@ def test_kernel_zero_logit_gradients_are_zero():
     assert q.grad[0, 0, 4].abs().max() == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_softmax_mode_matches_sdpa(causal):
     (q, k, v), seed = random_tensors([(2, 4, 53, 32)] * 3, device=DEVICE)
@@ -118,6 +143,7 @@ def test_softmax_mode_matches_sdpa(causal):
                  seed=seed)
 
 
+@pytest.mark.gpu
 def test_non_contiguous_inputs():
     (x,), seed = random_tensors([(2, 40, 3, 16)], device=DEVICE)      # [B, T, H, D] viewed as [B, H, T, D]
     q = k = v = x.transpose(1, 2)

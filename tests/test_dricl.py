@@ -213,6 +213,7 @@ def test_weights_carry_no_gradient():
     assert_close(g, g_ref, 1e-5)
 
 
+@pytest.mark.gpu
 def test_fused_backend_matches_reference():
     model = _model(d=32, layers=1)
     b = episode_batch(BENCH.in_domain, 2, 80, torch.Generator().manual_seed(fresh_seed()), noise=0.2)

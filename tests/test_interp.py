@@ -7,17 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lmcourse.interp import (HookedHF, PathPatching, all_heads, anatomy, difference_weights, direct_logit_attribution,
+from lmcourse.interp import (HookedHF, NoMLP, PathPatching, all_heads, anatomy, difference_weights, direct_logit_attribution,
                              head_outputs, logit_difference, logit_minus_mean, minus_mean_weights, path_patch,
                              path_patching_scores, read_directions)
 from lmcourse.model import ModelConfig, Transformer, patch
 from lmcourse.testing import fresh_seed
 
 V = 64
-
-
-class NoMLP(nn.Module):
-    def forward(self, x): return torch.zeros_like(x)
 
 
 def lm_model(n_kv_heads=2, n_layers=2, seed=0, **kw):

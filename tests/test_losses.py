@@ -24,11 +24,13 @@ CASES = [dict(T=150, V=301, H=70, chunk_rows=64),                 # 3 chunks (ra
          dict(T=64, V=96, H=32, zero_scale=False, ignore_every=0)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_matches_reference(case):
     check_fused_ce(**case)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_dtypes(dtype, reduction):
@@ -39,6 +41,7 @@ def _gpu_blocks(dtype, i):
     return {kind: dict(gpu_configs(kind, dtype)[i % len(gpu_configs(kind, dtype))].kwargs) for kind in GPU_CONFIGS}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("i", range(3))
 def test_gpu_tile_shapes_in_interpreter(dtype, i):
@@ -50,6 +53,7 @@ def test_gpu_tile_shapes_in_interpreter(dtype, i):
             check_fused_ce(280, 600, 200, dtype=torch.float32, reduction=reduction, chunk_rows=140)
 
 
+@pytest.mark.gpu
 def test_segment_losses_and_token_losses():
     (x, w), seed = random_tensors([(90, 24), (50, 24)], device=DEVICE)
     y = torch.randint(0, 50, (90,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
@@ -92,6 +96,7 @@ def test_no_grad_frozen_head_and_upstream_scaling():
     assert torch.equal(first, wk.grad)
 
 
+@pytest.mark.gpu
 def test_leading_dims_non_contiguous_and_custom_ignore_index():
     (x, w), seed = random_tensors([(40, 3, 32), (70, 32)], device=DEVICE)
     hidden = x.transpose(0, 1)                                      # [3, 40, 32], not contiguous
@@ -120,7 +125,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="int32 or int64"):
         fused_linear_cross_entropy(x, w, y.float())
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
-        fused_linear_cross_entropy(x, w, y + 5)
+        fused_linear_cross_entropy(x, w, y + 10)     # every id out of range (y + 5 stays in range 1 time in 64)
     with pytest.raises(ValueError, match="reduction must be"):
         fused_linear_cross_entropy(x, w, y, reduction="avg")
     with pytest.raises(ValueError, match="is a class id"):
@@ -142,6 +147,18 @@ def test_bad_inputs_raise_clear_errors():
             fused_linear_cross_entropy(x.bfloat16(), w.bfloat16(), y)
         with pytest.raises(ValueError, match="not meta"):
             fused_linear_cross_entropy(x.to("meta"), w.to("meta"), y.to("meta"))
+
+
+def test_final_hidden_takes_the_bodys_input():
+    from lmcourse.model import ModelConfig, Transformer
+    from lmcourse.losses import final_hidden
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    tokens = torch.randint(0, 50, (2, 11))
+    other = torch.randint(0, 50, (2, 11))
+    assert torch.equal(final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)), final_hidden(lm, other))
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, T, d\]"):
+        final_hidden(lm, tokens, embeddings=lm.embed_tokens(other)[:, :5])
 
 
 def test_hugging_face_causal_lm_loss():

@@ -152,6 +152,7 @@ def attention_inputs(n_kv, tq, segments, tk=37, B=2, D=16):
     return q, k, v, seg
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_kv,tq,causal,segments,scale", ATTENTION_CASES)
 def test_every_attention_path_equals_eager(seed, monkeypatch, n_kv, tq, causal, segments, scale):
     q, k, v, seg = attention_inputs(n_kv, tq, segments)
@@ -183,6 +184,7 @@ def effective_mask(bm, B, tq, tk):
     return (tiles == 2) | ((tiles == 1) & pairs)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("tq,tk,causal", [(40, 40, True), (40, 40, False), (13, 40, True), (1, 40, True), (64, 64, True)])
 @pytest.mark.parametrize("sort", [True, False])
 def test_block_mask_tiles_are_exact(seed, tq, tk, causal, sort):

@@ -82,6 +82,18 @@ def test_training_learns_and_checkpoint_round_trips():
     assert History.from_dict(state["history"]).val_loss == hist.val_loss
 
 
+def test_training_batches_carry_the_loops_step_and_evaluation_batches_none():
+    seen = []
+    def loss_fn(m, b):
+        seen.append((m.training, {k: b.info.get(k) for k in ("step", "steps", "micro_step", "micro_steps")}))
+        return m(b.inputs, b.targets)[1], {}
+    cfg = TrainConfig(steps=3, warmup_steps=0, grad_accum_steps=2, eval_every=10, eval_batches=1, progress=False)
+    train(_tiny(), copy_batches, cfg, loss_fn=loss_fn, device="cpu")
+    stamps = [info for training, info in seen if training]
+    assert stamps == [dict(step=s, steps=3, micro_step=m, micro_steps=2) for s in range(3) for m in range(2)]
+    assert all(info["step"] is None for training, info in seen if not training)   # evaluate(): no stamp, model in eval
+
+
 # ---- gradient accumulation: k micro-batches take the step of one batch k times larger ---------------------
 
 def _micro_batches(n):

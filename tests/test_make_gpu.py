@@ -1,0 +1,56 @@
+"`make gpu`'s driver (scripts/gpu.py) on a machine without a GPU: its parts parse, their budgets fit, a failing part is reported."
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    spec = importlib.util.spec_from_file_location("gpu_driver", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_lists_every_part_within_budget():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for part in ("tests", "foundations:bench", "polarquant:bench", "cog:bench", "aoe:bench"):
+        assert part in done.stdout
+    assert "test_rmsnorm.py" in done.stdout and "of 540 s" in done.stdout
+
+
+def test_every_chapter_script_declares_parts(gpu):
+    parts = gpu.chapter_parts()
+    assert {"foundations", "polarquant", "cog", "aoe"} <= set(parts)
+    for chapter, table in parts.items():
+        assert table["full"][0] <= gpu.FULL_RUN_S, chapter
+    steps = gpu.plan(None, [])
+    assert steps[0] == ("tests", gpu.TESTS_S) and all(not step.endswith(":full") for step, _ in steps)
+    assert gpu.SETUP_S + sum(seconds for _, seconds in steps) <= gpu.MAKE_GPU_S
+    assert gpu.plan("cog", []) == [("cog:full", parts["cog"]["full"][0])]
+    with pytest.raises(SystemExit, match="no full run"):
+        gpu.plan("nonesuch", [])
+
+
+def test_a_failing_part_is_reported_not_raised(gpu, tmp_path, monkeypatch):
+    def broken(budget):
+        budget.skip("the second half", "demo")
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(gpu, "chapter_parts", lambda: {"demo": {"bench": (5, broken)}})
+    report = tmp_path / "report.json"
+    gpu.run_part("demo:bench", 5, report)
+    text = report.read_text()
+    assert "RuntimeError: kernel exploded" in text and "the second half (demo)" in text
+
+
+def test_budget_counts_down(gpu):
+    budget = gpu.Budget(100)
+    assert 99 < budget.left() <= 100
+    budget.skip("x")
+    assert budget.skipped == ["x (out of time)"]
