@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -632,18 +632,29 @@ ARROW = FIRST_CONTENT   # few_shot's "->" token; its inputs and labels come afte
 
 @register_task("few_shot")
 def few_shot_task(n: int, *, seed: int = 0, n_shots: int = 8, rule: str = "map", n_classes: int = 2,
-                  n_inputs: int = 16) -> Batch:
+                  n_inputs: int = 16, label_noise: float = 0.0, shift_probs: Sequence[float] | None = None) -> Batch:
     """In-context learning of a rule drawn per sequence: `BOS x₁ -> y₁ ; … x_k -> y_k ; x_q -> y_q`.
 
     rule="map": a random map inputs -> labels per sequence, with the query's input among the demonstrations';
-    rule="shift": y = (x + s) mod n_classes with a shift s per sequence (one demonstration reveals it).
-    n_shots=0 is the query alone (zero-shot: not predictable). Targets: every label. `info`: `query_pos` (int; the position in `inputs` whose target is y_q), `label_pos`
-    [n_shots + 1], `query_only` and `predictable` [n, T] masks, `input_offset`/`label_offset` (token of input 0
-    / label 0), `arrow_id`, `rule`, `n_inputs`, `n_classes`, and `mapping` [n, n_inputs] or `shift` [n]."""
+    rule="shift": y = (x + s) mod n_classes with a shift s per sequence (one demonstration reveals it), drawn
+    uniformly or with probabilities `shift_probs` [n_classes]. `label_noise`: each demonstration's label (never the
+    query's) is replaced, with this probability, by another label drawn uniformly. n_shots=0 is the query alone
+    (zero-shot: not predictable). Targets: every label (a noisy label is its position's target). `info`:
+    `query_pos` (int; the position in `inputs` whose target is y_q), `label_pos` [n_shots + 1], `query_only` and
+    `predictable` [n, T] masks (`predictable` ignores the noise), `noisy` [n, n_shots] (the replaced labels),
+    `input_offset`/`label_offset` (token of input 0 / label 0), `arrow_id`, `rule`, `n_inputs`, `n_classes`,
+    `label_noise`, and `mapping` [n, n_inputs] or `shift` [n]."""
     if rule not in ("map", "shift"):
         raise ValueError(f"rule must be 'map' or 'shift', got {rule!r}")
     if n_shots < 0 or n_classes < 1 or n_inputs < 1:
         raise ValueError(f"need n_shots >= 0 and n_classes, n_inputs >= 1, got {n_shots}, {n_classes}, {n_inputs}")
+    if not 0 <= label_noise <= 1 or (label_noise > 0 and n_classes < 2):
+        raise ValueError(f"label_noise must lie in [0, 1] (and needs n_classes >= 2), got {label_noise} with {n_classes} classes")
+    if shift_probs is not None:
+        if rule != "shift": raise ValueError("shift_probs is the prior over the shift of rule='shift'")
+        shift_probs = torch.as_tensor(shift_probs, dtype=torch.float64)
+        if shift_probs.shape != (n_classes,) or (shift_probs < 0).any() or abs(shift_probs.sum().item() - 1) > 1e-6:
+            raise ValueError(f"shift_probs must be {n_classes} probabilities summing to 1, got {shift_probs.tolist()}")
     g = torch.Generator().manual_seed(seed)
     k = n_shots
     xs = torch.randint(0, n_inputs, (n, k + 1), generator=g)       # column k is the query
@@ -654,9 +665,15 @@ def few_shot_task(n: int, *, seed: int = 0, n_shots: int = 8, rule: str = "map",
         ys, rule_info = mapping.gather(1, xs), {"mapping": mapping}
         known = ((xs[:, :, None] == xs[:, None, :]) & torch.ones(k + 1, k + 1, dtype=torch.bool).tril(-1)).any(2)
     else:
-        shift = torch.randint(0, n_classes, (n,), generator=g)
+        shift = (torch.randint(0, n_classes, (n,), generator=g) if shift_probs is None
+                 else torch.multinomial(shift_probs, n, replacement=True, generator=g))
         ys, rule_info = (xs + shift[:, None]) % n_classes, {"shift": shift}
         known = (torch.arange(k + 1) > 0).expand(n, -1)
+    noisy = torch.zeros(n, k, dtype=torch.bool)
+    if label_noise > 0 and k:                                       # drawn last: the noise-free batch is unchanged
+        noisy = torch.rand(n, k, generator=g) < label_noise
+        other = (ys[:, :k] + torch.randint(1, n_classes, (n, k), generator=g)) % n_classes   # a different label
+        ys = torch.cat([torch.where(noisy, other, ys[:, :k]), ys[:, k:]], 1)
     input0, label0 = ARROW + 1, ARROW + 1 + n_inputs
     shots = torch.stack([xs + input0, torch.full_like(xs, ARROW), ys + label0, torch.full_like(xs, SEP)], 2).flatten(1)
     seqs = torch.cat([torch.full((n, 1), BOS), shots[:, :-1]], 1)  # [n, 4k + 4]: no ";" after the query
@@ -665,5 +682,6 @@ def few_shot_task(n: int, *, seed: int = 0, n_shots: int = 8, rule: str = "map",
     query_only = torch.zeros(n, seqs.shape[1] - 1, dtype=torch.bool); query_only[:, -1] = True
     predictable = torch.zeros_like(query_only); predictable[:, label_pos] = known
     return _answer_batch(seqs, mask, vocab_size=label0 + n_classes, query_pos=4 * k + 2, label_pos=label_pos,
-                         query_only=query_only, predictable=predictable, input_offset=input0, label_offset=label0,
-                         arrow_id=ARROW, rule=rule, n_inputs=n_inputs, n_classes=n_classes, **rule_info)
+                         query_only=query_only, predictable=predictable, noisy=noisy, input_offset=input0,
+                         label_offset=label0, arrow_id=ARROW, rule=rule, n_inputs=n_inputs, n_classes=n_classes,
+                         label_noise=label_noise, **rule_info)

@@ -681,14 +681,17 @@ def compile_cases() -> list[CompileCase]:
         polar_decode_attention(q, pk, tail, torch.empty(1, 8, 32768 + 64, 128, dtype=dtype))
 
     # Measured with Triton 3.9 and 3.6 (issue 10 fixes them; a fix without deleting the entry fails the test):
-    decode_spills = [KnownFailure(10, "spills: 32 bytes a thread (Triton 3.6), up to 1.8 KB (3.9, 4/4 bits)",
-                                  "_polar_decode_split_kernel", {"G": 128})]
+    decode_spills = [KnownFailure(10, "4/4 bits: spills 0.5-1.8 KB a thread at 255 registers with Triton 3.9",
+                                  "_polar_decode_split_kernel", {"G": 128, "RADIUS_BITS": 4, "ANGLE_BITS": 4}, tritons=("3.9",))]
+    fp32_shared = [KnownFailure(10, "fp32: 218 KiB of shared memory; an A100 has 163 KiB", "_polar_decode_split_kernel",
+                                {"G": 128}, targets=("sm_80",), tritons=("3.9",))]
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         cases += [CompileCase("quantize G128 4/4", dtype, lambda dtype=dtype: quantize(dtype)),
                   CompileCase("decode L32k", dtype, lambda dtype=dtype: decode(dtype), mma_sync_ok=small_tiles)]
         cases += [CompileCase(f"polar decode G128 {bits[0]}/{bits[1]}", dtype, lambda dtype=dtype, bits=bits: decode(dtype, 128, bits),
-                              known_failures=decode_spills, mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
+                              known_failures=decode_spills + (fp32_shared if dtype == torch.float32 else []),
+                              mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
     return cases
 
 # %% ../nbs/01_polarquant.ipynb #fb432175

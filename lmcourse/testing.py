@@ -411,7 +411,8 @@ class CompileRecord:
     ok: bool
     error: str = ""
     registers: int = 0                 # per thread (at most 255)
-    spill_bytes: int = 0               # per thread, in local memory: registers that did not fit
+    spill_bytes: int = 0               # per thread: the local-memory frame, when ptxas -v reports spill stores into it
+    stack_bytes: int = 0               # per thread: the local-memory frame — spills, or local arrays (sin/cos slow path)
     shared_bytes: int = 0              # per block: Triton's dynamic shared memory plus the static part
     mma: str = "-"                     # tensor-core instructions in the PTX: "wgmma", "mma.sync", "wgmma+mma.sync" or "-"
     seconds: float = 0.0               # wall time of the compile
@@ -430,6 +431,35 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
+
+def _spills_registers(ptx: str, capability: int, usage: dict[str, int]) -> bool:
+    """Whether `ptxas -v`, run on `ptx` with the options Triton's `make_cubin` passes, reports spill stores. A stack
+    frame is not always a spill: libdevice's sin/cos keep a 28-byte local array for the argument reduction of huge
+    angles. If this ptxas run's registers or frame differ from the cubin's, the frame counts as spilled. The log is
+    kept beside Triton's cache (`triton.knobs.cache.dir`), so like the compile itself it costs once per kernel."""
+    import hashlib
+    from triton.backends.nvidia import compiler as nvidia
+    options = ["--regAllocOptLevel=2"] if "regAllocOptLevel" in inspect.getsource(nvidia.CUDABackend.make_cubin) else []
+    command = [nvidia.get_ptxas(capability).path, "-lineinfo", "-v", *options,
+               f"--gpu-name={nvidia.sm_arch_from_capability(capability)}"]
+    cached = Path(triton.knobs.cache.dir, "lmcourse-ptxas-logs",
+                  hashlib.sha256("\0".join([*command, ptx]).encode()).hexdigest() + ".log")
+    if cached.exists():
+        log = cached.read_text()
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            log = subprocess.run([*command, f.name, "-o", os.devnull], capture_output=True, text=True).stderr
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(log)
+        partial.replace(cached)                       # atomic: parallel workers may write the same log
+    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    if not (found and registers and int(found[1]) == usage["STACK"] and int(registers[1]) == usage["REG"]):
+        return True                                   # not the same compile as the cubin's: assume the worst
+    return int(found[2]) > 0
 
 def _cpu_seconds() -> float:
     "CPU time of this process and of its finished children (ptxas, cuobjdump)."
@@ -460,7 +490,9 @@ def _compile(kernel, launch: Launch, target: str) -> CompileRecord:
     ptx = compiled.asm["ptx"]
     mma = "+".join(name for name, pattern in (("wgmma", r"\bwgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"))
                    if re.search(pattern, ptx)) or "-"
-    return CompileRecord(**head, ok=True, registers=usage["REG"], spill_bytes=usage["STACK"] + usage["LOCAL"],
+    stack = usage["STACK"] + usage["LOCAL"]
+    spills = stack if stack and _spills_registers(ptx, GPU_TARGETS[target][0], usage) else 0
+    return CompileRecord(**head, ok=True, registers=usage["REG"], spill_bytes=spills, stack_bytes=stack,
                          shared_bytes=compiled.metadata.shared + usage["SHARED"], mma=mma, **cost())
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, *, target: str = "sm_90", num_warps: int = 4,

@@ -344,6 +344,45 @@ def test_few_shot_bad_settings():
         make_task("few_shot", 2, rule="xor")
     with pytest.raises(ValueError, match="n_shots"):
         make_task("few_shot", 2, n_shots=-1)
+    with pytest.raises(ValueError, match="label_noise"):
+        make_task("few_shot", 2, label_noise=1.5)
+    with pytest.raises(ValueError, match="label_noise"):
+        make_task("few_shot", 2, n_classes=1, label_noise=0.1)
+    with pytest.raises(ValueError, match="prior over the shift"):
+        make_task("few_shot", 2, rule="map", shift_probs=(0.5, 0.5))
+    for probs in ((0.5, 0.6), (1.0,), (1.2, -0.2)):
+        with pytest.raises(ValueError, match="shift_probs must be"):
+            make_task("few_shot", 2, rule="shift", shift_probs=probs)
+
+
+@pytest.mark.parametrize("rule,n_classes", [("map", 2), ("shift", 2), ("shift", 5)])
+def test_few_shot_label_noise_replaces_demonstration_labels_only(rule, n_classes):
+    seed, p = fresh_seed(), 0.3
+    clean = make_task("few_shot", 3000, seed=seed, n_shots=6, rule=rule, n_classes=n_classes)
+    b = make_task("few_shot", 3000, seed=seed, n_shots=6, rule=rule, n_classes=n_classes, label_noise=p)
+    info, demo_label = b.info, b.info["label_pos"][:-1] + 1
+    assert torch.equal(make_task("few_shot", 3000, seed=seed, n_shots=6, rule=rule, n_classes=n_classes,
+                                 label_noise=0.0).inputs, clean.inputs)             # no noise: the same batch
+    changed = b.inputs[:, demo_label] != clean.inputs[:, demo_label]
+    assert torch.equal(changed, info["noisy"])                                       # a noisy label is another label
+    assert abs(info["noisy"].float().mean().item() - p) < 0.02
+    unchanged = torch.ones_like(b.inputs, dtype=torch.bool); unchanged[:, demo_label] = False
+    assert torch.equal(b.inputs[unchanged], clean.inputs[unchanged])                 # inputs, arrows, separators
+    assert torch.equal(b.targets[:, info["query_pos"]], clean.targets[:, info["query_pos"]])   # the query's: never
+    assert torch.equal(b.targets[:, info["label_pos"][:-1]], b.inputs[:, demo_label])          # targets = sequence
+    assert b.inputs.max() < info["vocab_size"] and info["label_noise"] == p
+    if n_classes > 2:                                                                # uniform over the other labels
+        offset = (b.inputs[:, demo_label] - clean.inputs[:, demo_label])[changed] % n_classes
+        counts = torch.bincount(offset, minlength=n_classes).float()
+        assert counts[0] == 0 and (counts[1:] / counts[1:].mean() - 1).abs().max() < 0.15
+
+
+def test_few_shot_shift_prior():
+    probs = torch.tensor([0.6, 0.1, 0.3])
+    b = make_task("few_shot", 20000, seed=fresh_seed(), n_shots=2, rule="shift", n_classes=3, shift_probs=probs)
+    freq = torch.bincount(b.info["shift"], minlength=3).float() / 20000
+    assert (freq - probs).abs().max() < 0.015
+    assert (few_shot_oracle(b) == b.targets[:, b.info["query_pos"]] - b.info["label_offset"]).all()
 
 
 # ---- facts -------------------------------------------------------------------------------------------------
