@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer, rope_pairs
-from .testing import CompileCase, alloc_output, check_dtype, triton_interpreted
+from .testing import CompileCase, alloc_output, check_device, check_dtype, triton_interpreted
 
 # %% ../nbs/02_hope.ipynb #fb8657fb
 def hope_kept_pairs(head_dim: int, base: float, train_len: int, min_periods: float = 1.0) -> int:
@@ -297,13 +297,7 @@ def _check_rotary_inputs(q, k, positions, kept_pairs, layout, inplace):
         raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must agree in batch, tokens and head_dim")
     B, _, T, D = q.shape
     _check_positions(positions, B, T)
-    if q.device != k.device or positions.device != q.device:
-        raise ValueError(f"q, k and positions must be on one device; got {q.device}, {k.device}, {positions.device}")
-    if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"hope_rotary runs on CUDA (or on CPU through the Triton interpreter), not {q.device}")
-    if q.device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError("hope_rotary got CPU tensors but TRITON_INTERPRET is not '1': import lmcourse first "
-                           "(it enables the interpreter when no GPU is visible) or move the tensors to CUDA")
+    check_device(q, k, positions, what="hope_rotary")   # one device that runs Triton: CUDA, or CPU with the interpreter
     if q.dtype != k.dtype: raise ValueError(f"q and k must share a dtype; got {q.dtype}, {k.dtype}")
     check_dtype(q, what="hope_rotary")      # also refuses bf16 where it cannot run (the interpreter, pre-sm_80 GPUs)
     if D % 2 or not 2 <= D <= MAX_HEAD_DIM: raise ValueError(f"head_dim={D} must be even and in [2, {MAX_HEAD_DIM}]")
