@@ -51,9 +51,13 @@ def kernel_dtypes(device: torch.device | str | None = None) -> list[torch.dtype]
     """The dtypes kernels are tested in on `device`.
 
     The CPU interpreter computes bf16 arithmetic and bf16 `tl.dot` wrongly (it multiplies raw bit
-    patterns), so bf16 is tested on a GPU only."""
+    patterns), so bf16 is tested on a GPU only — and only on sm_80 or newer: the launchers refuse bf16
+    on older GPUs (Colab's T4 is sm_75), see `check_dtype`."""
     device = torch.device(device) if device is not None else kernel_device()
-    return [torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.float16]
+    if device.type != "cuda":
+        return [torch.float32, torch.float16]
+    bf16 = [torch.bfloat16] if torch.cuda.get_device_capability(device)[0] >= 8 else []
+    return [torch.float32, torch.float16, *bf16]
 
 # %% ../nbs/00d_testing.ipynb #8f11242e
 def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", *, input_precision: str = "tf32") -> float:

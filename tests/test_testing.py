@@ -7,7 +7,7 @@ import triton
 from lmcourse.testing import (ELEMENT_TOL_FACTOR, CompileCase, KnownFailure, Launch, LaunchError, alloc_output,
                               assert_close, capture_launches, check_against_reference, check_block, check_device,
                               check_dot, check_dtype, compile_kernel, compile_verdict, dot_tile_kernel, gpu_sm_count,
-                              gpu_tiles, launch_signature, max_rel_error, poisoned_outputs, random_tensors, rel_error,
+                              gpu_tiles, kernel_dtypes, launch_signature, max_rel_error, poisoned_outputs, random_tensors, rel_error,
                               tile_kwargs, tolerance, use_gpu_tiles)
 
 
@@ -91,6 +91,15 @@ def test_launch_checks_refuse_what_a_gpu_would_reject():
     check_block("BLOCK", 64, lo=16, hi=128)
     check_dot("K", 16, torch.bfloat16)
     assert issubclass(LaunchError, ValueError)
+
+
+def test_kernel_dtypes_follow_the_gpu(monkeypatch):
+    "bf16 only where the launchers accept it: a GPU of compute capability 8.0 or newer (a T4 is 7.5), never the interpreter."
+    assert kernel_dtypes("cpu") == [torch.float32, torch.float16]
+    for capability, expected in [((7, 5), [torch.float32, torch.float16]),
+                                 ((9, 0), [torch.float32, torch.float16, torch.bfloat16])]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert kernel_dtypes("cuda") == expected, capability
 
 
 def test_gpu_tiles_switch_launchers_to_their_gpu_choices():
