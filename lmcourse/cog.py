@@ -565,7 +565,10 @@ def make_attention_fn(signed: bool = True, backend: str = "auto") -> AttentionFn
         if use_kernel:
             return cog_attention(q, k, v, causal, scale, signed, segment_ids=segment_ids)
         return cog_attention_ref(q, k, v, causal, scale, segment_ids=segment_ids, signed=signed).to(q.dtype)
+    def weights(q, k, *, causal=True, segment_ids=None, scale=None):   # what the model's `hook_pattern` shows and patches
+        return cog_attention_weights(q, k, causal=causal, segment_ids=segment_ids, scale=scale, signed=signed).to(q.dtype)
     attention.__name__ = f"{'cog' if signed else 'softmax'}_attention_{backend}"
+    attention.weights = weights
     return attention
 
 cog_attn = make_attention_fn(signed=True)

@@ -12,7 +12,7 @@ from lmcourse.cog import (cog_attention, cog_attention_ref, cogformer_attention,
                           make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch
-from lmcourse.model import ModelConfig, Transformer, eager_attention, sdpa_attention
+from lmcourse.model import ModelConfig, Transformer, eager_attention, patch, sdpa_attention
 from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, gpu_config_count, gpu_tiles,
                               kernel_device, kernel_dtypes, random_tensors)
 
@@ -198,6 +198,24 @@ def test_cogformer_layout_and_kernel_inside_the_model():
     assert (softmax_model(tokens)[0] - model(tokens)[0]).abs().max() > 1e-4      # Cog really changes the middle layer
     with pytest.raises(ValueError, match="backend"):
         make_attention_fn(backend="cuda")
+
+
+def test_pattern_hook_reads_and_patches_a_cog_layer():
+    "make_attention_fn's `weights`: the model's hook_pattern records the signed pattern of a Cog layer and patches it."
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg, attention=cogformer_attention(3))
+    with torch.no_grad():                               # larger queries so that some weights are clearly negative
+        model.blocks[1].attn.q_proj.weight.mul_(20)
+    tokens = torch.randint(0, 64, (2, 20))
+    name = "blocks.1.attn.hook_pattern"
+    logits, cache = model.run_with_cache(tokens, [name])
+    assert_close(logits, model(tokens)[0], 1e-5)        # the materialised path computes the same model
+    pattern = cache[name]
+    assert pattern.shape == (2, 4, 20, 20) and (pattern < -1e-3).any()
+    assert torch.equal(pattern.triu(1), torch.zeros_like(pattern))    # causal
+    with patch(model, {name: pattern.abs()}):           # patching the signs away changes the output
+        assert (model(tokens)[0] - logits).abs().max() > 1e-3
 
 
 def test_negative_weight_fraction():
