@@ -136,8 +136,8 @@ class EngineAdapter:
         "Context manager: `edits[i](h)` sees (and may replace) block i's residual after attention, before the MLP."
         return patch(self.model, {f"blocks.{i}.hook_resid_mid": fn for i, fn in edits.items()})
 
-def adapter(model) -> "EngineAdapter | HFAdapter":
-    "The adapter of `model`: an `lmcourse.model.Transformer`, a Hugging Face causal LM with Llama-style layers, or an adapter."
+def adapter(model):   # no return annotation: HFAdapter is defined further down (nbdev's show_doc resolves it)
+    "The adapter of `model` (an `EngineAdapter`, an `HFAdapter` or `model` itself): an `lmcourse.model.Transformer`, a Hugging Face causal LM with Llama-style layers, or an adapter."
     if isinstance(model, Transformer): return EngineAdapter(model)
     if hasattr(model, "logits") and hasattr(model, "edit") and hasattr(model, "n_layers"): return model
     if hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"): return HFAdapter(model)
