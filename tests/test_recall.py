@@ -195,7 +195,7 @@ def test_head_attribution_bad_input():
     with pytest.raises(LaunchError, match="supports float32"):
         head_attribution(z.double(), w_o.double(), r)
     with pytest.raises(LaunchError, match=f"limit of {MAX_HEAD_DIM}"):
-        head_attribution(torch.empty(1, 1, 1, 2 * MAX_HEAD_DIM), torch.empty(1, 4, 2 * MAX_HEAD_DIM), torch.empty(1, 4))
+        head_attribution(*(torch.empty(s, device=z.device) for s in ((1, 1, 1, 2 * MAX_HEAD_DIM), (1, 4, 2 * MAX_HEAD_DIM), (1, 4))))
     with pytest.raises(LaunchError, match="not meta"):
         head_attribution(z.to("meta"), w_o.to("meta"), r.to("meta"))
     if kernel_device().type == "cpu":
@@ -254,4 +254,4 @@ def test_moments_bad_input():
     with pytest.raises(LaunchError, match="supports float32"):
         decomposition_moments(x.double(), y.double())
     with pytest.raises(LaunchError, match=f"limit of {MAX_MOMENT_INPUTS}"):
-        decomposition_moments(torch.empty(2, MAX_MOMENT_INPUTS + 1, 16), torch.empty(2, 16))
+        decomposition_moments(torch.empty(2, MAX_MOMENT_INPUTS + 1, 16, device=x.device), torch.empty(2, 16, device=x.device))
