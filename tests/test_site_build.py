@@ -1,5 +1,6 @@
 """The offline site builder (scripts/build_site.py) on a tiny processed notebook: what the browser test checks in a
 real browser, checked here on the HTML (fast, in the default run)."""
+import ast
 import importlib.util
 import json
 import re
@@ -136,3 +137,21 @@ def test_project_sidebar_names_every_notebook():
     present = {p.name for p in (ROOT / "nbs").glob("*.ipynb")}
     assert set(named) == present, {"missing from sidebar.yml": sorted(present - set(named)),
                                    "not in nbs/": sorted(set(named) - present)}
+
+
+def test_import_cells_hold_only_imports():
+    """nbdev's docs step (`make docs`, Quarto or not) executes, out of context, every cell that contains an import:
+    such a cell must hold only imports (the Colab install cell is self-contained), or `make course` fails there."""
+    mixed = []
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            src = "".join(cell["source"])
+            if cell["cell_type"] != "code" or "google.colab" in src or "nbdev_export()" in src:   # nbdev skips the latter
+                continue
+            if re.search(r"^#\|\s*(export|exports|exporti|exec_doc|eval:\s*false)", src, re.M):
+                continue
+            tree = ast.parse("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!"))))
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)) and \
+                    any(not isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body):
+                mixed.append(f"{path.name} cell {i}: {src.splitlines()[0][:60]}")
+    assert not mixed, "put the imports in a cell of their own: " + "; ".join(mixed)
