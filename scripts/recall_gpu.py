@@ -5,9 +5,13 @@ Parts (see scripts/gpu.py and results/README.md):
                                          #  of 256 statements), then patching, attention, decomposition and the logit
                                          #  lens on every relation; <= 8 min (estimated, not measured)
     python scripts/recall_gpu.py full --seed 0   # the same in this process, no time limit
+    python scripts/recall_gpu.py bench           # by hand only (BY_HAND, no `make gpu` budget): the head-attribution
+                                                 #  kernel against the einsum over per-head outputs and cuBLAS at a
+                                                 #  7B-like shape; results/recall/bench.json; about 60 s (estimated)
 
-No Triton kernels in this chapter yet, so nothing here for `make gpu`'s `tests` part and no compiles; the model is
-not compiled (TrainConfig.compile=False).
+The chapter's kernel tests (`pytest tests/test_recall.py -m gpu`) run in `make gpu`'s `tests` part. Compiles: the
+attribution kernel once per (positions, provider) shape class, one head dim: a handful; no autotuning. The model is not
+compiled (TrainConfig.compile=False).
 """
 import os
 
@@ -15,8 +19,17 @@ os.environ.setdefault("LMCOURSE_PROFILE", "full")
 
 import lmcourse  # noqa: F401  (first, as everywhere)
 
-from lmcourse.bench import save_result
-from lmcourse.recall import recall_experiment_config, run_recall_experiment
+from lmcourse.bench import save_result, speedups
+from lmcourse.recall import benchmark_head_attribution, recall_experiment_config, run_recall_experiment
+
+
+def bench(budget):
+    "Head attribution at 32 layers x 32 heads, d = 4096, bf16, 256-1k positions: results/recall/bench.json."
+    result = benchmark_head_attribution()
+    print("saved", save_result("recall", "bench", result))
+    return [{"metric": f"{row['provider']} at {row['positions']} positions: speedup over the einsum",
+             "measured": round(row["speedup"], 2), "target": "> 1 for triton (no [B, L, H, d] tensor)"}
+            for row in speedups(result["sweep"], "einsum over per-head outputs")]
 
 
 def full(budget, seed: int = 0):
@@ -36,8 +49,9 @@ def full(budget, seed: int = 0):
 
 
 PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=recall
+BY_HAND = {"bench": (60, bench)}   # no make gpu budget left (estimated seconds, not measured)
 
 
 if __name__ == "__main__":   # python scripts/recall_gpu.py [full | all] [--seed N]: no time limit
     from gpu import run_cli
-    run_cli(PARTS)
+    run_cli({**BY_HAND, **PARTS})
