@@ -75,20 +75,33 @@ CASES = [
     dict(B=1, H=2, Hkv=2, Tq=40, Tk=40, D=16, zeros=True),     # exact zero logits
     dict(B=1, H=1, Hkv=1, Tq=33, Tk=33, D=128),
     dict(B=1, H=2, Hkv=2, Tq=64, Tk=64, D=16, signed=False),
+    # Large logits (q, k ×8 and ×30: |q·k|·scale in the hundreds and thousands, beyond exp's fp32 range unless the
+    # running max is taken over |p|, with the negative logits included) and non-default scales.
+    dict(B=1, H=2, Hkv=1, Tq=70, Tk=70, D=32, qk_mult=8),
+    # ×30: logits L ≈ 2000 carry an fp32 rounding error of about L·2⁻²⁴·√D ≈ 5e-4 in any fp32 kernel, the relative
+    # error of the weights: the tolerance follows the conditioning, not the kernel. Every row is then one-hot to within
+    # e^-20, so dQ and dK are exponentially small in exact arithmetic and fp32 cancellation (dP − D) in any kernel:
+    # only the output is compared.
+    dict(B=1, H=2, Hkv=2, Tq=45, Tk=45, D=16, qk_mult=30, causal=False, tol=1e-3, grad=False),
+    dict(B=1, H=2, Hkv=2, Tq=50, Tk=50, D=16, qk_mult=8, signed=False),
+    dict(B=1, H=2, Hkv=1, Tq=37, Tk=60, D=24, scale=0.61),
+    dict(B=1, H=2, Hkv=2, Tq=40, Tk=40, D=16, qk_mult=8, scale=0.013, segments=True),
 ]
 
 
-def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros=False, dtype=torch.float32):
+def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros=False, qk_mult=1.0, scale=None,
+           tol=None, grad=True, dtype=torch.float32):
     (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, DEVICE, scale=1.5)
+    q, k = q * qk_mult, k * qk_mult
     if zeros:
         q[:, :, ::5] = 0
         k[:, :, 1::7] = 0
     g = torch.Generator().manual_seed(seed)
     seg = torch.randint(0, 3, (B, Tk), generator=g).sort(-1).values.to(DEVICE) if segments else None
     return check_against_reference(
-        lambda q, k, v: cog_attention(q, k, v, causal, None, signed, segment_ids=seg),
-        lambda q, k, v: cog_attention_ref(q, k, v, causal, None, segment_ids=seg, signed=signed),
-        [q, k, v], seed=seed)
+        lambda q, k, v: cog_attention(q, k, v, causal, scale, signed, segment_ids=seg),
+        lambda q, k, v: cog_attention_ref(q, k, v, causal, scale, segment_ids=seg, signed=signed),
+        [q, k, v], grad=grad, tol=tol, grad_tol=tol, seed=seed)
 
 
 @pytest.mark.gpu
