@@ -773,6 +773,18 @@ def cog_lm_comparison(seeds: Sequence[int] = (0,), cfg: CogLMConfig | None = Non
     return {"runs": runs, "model": cfg.model.__dict__, "train": cfg.train.__dict__}
 
 # %% ../nbs/03_cog.ipynb #23b8772d
+def _check_hf_arguments(dropout: float, kwargs: dict):
+    "Raise for what `transformers` may pass that Cog attention does not implement (instead of ignoring it)."
+    if dropout:
+        raise NotImplementedError(f"Cog attention has no attention dropout (got dropout={dropout}): set the config's "
+                                  "attention_dropout to 0")
+    unsupported = {"softcap": "logit soft-capping", "sliding_window": "sliding-window attention",
+                   "cu_seq_lens_q": "packed sequences (cu_seq_lens)", "cu_seq_lens_k": "packed sequences (cu_seq_lens)"}
+    for name, what in unsupported.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"Cog attention does not implement {what}: got {name}={kwargs[name]!r}; "
+                                      "pad the batch instead of packing it, or use a model without this feature")
+
 def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     """A `transformers` attention function `fn(module, query, key, value, attention_mask, scaling=None, ...)`.
 
@@ -783,6 +795,7 @@ def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     kernels = {signed: make_attention_fn(signed, backend) for signed in (True, False)}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _check_hf_arguments(dropout, kwargs)
         if layout == "cogformer":
             n_layers = module.config.num_hidden_layers
             signed = 0 < module.layer_idx < n_layers - 1

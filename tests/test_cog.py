@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcourse.cog import (cog_attention, cog_attention_ref, cogformer_attention,
+from lmcourse.cog import (cog_attention, cog_attention_ref, cog_hf_attention_fn, cogformer_attention,
                           make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch
@@ -270,6 +270,29 @@ def test_transformers_attention_interface():
     # every-layer Cog through the kernel equals every-layer Cog through the reference
     assert_close(logits(register_cog_attention("cog_all_triton", layout="cog", backend="triton")),
                  logits(register_cog_attention("cog_all_ref", layout="cog", backend="reference")), 1e-4)
+
+
+def test_transformers_arguments_the_kernel_lacks_raise():
+    "dropout > 0, softcap, sliding_window and packed cu_seq_lens are refused, not silently ignored."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.1)
+    model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation(register_cog_attention("cog_test_args"))
+    ids = torch.randint(0, 128, (2, 12))
+    with pytest.raises(NotImplementedError, match="dropout=0.1"):
+        model.train()(ids)
+    model.eval()(ids)                                   # eval mode passes dropout=0.0: fine
+    fn = cog_hf_attention_fn()
+    module = model.model.layers[1].self_attn
+    q, k, v = torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    cu = torch.tensor([0, 5, 12])
+    for kw, what in [(dict(softcap=30.0), "soft-capping"), (dict(sliding_window=4), "sliding-window"),
+                     (dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7), "packed")]:
+        with pytest.raises(NotImplementedError, match=what):
+            fn(module, q, k, v, None, **kw)
+    out, _ = fn(module, q, k, v, None, softcap=None, sliding_window=None, cu_seq_lens_q=None)   # unset: fine
+    assert out.shape == (1, 12, 4, 16)
 
 
 # -- the experiment ----------------------------------------------------------------------------------------
