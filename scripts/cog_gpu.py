@@ -8,27 +8,43 @@ os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the LM comparison uses the
 
 import lmcourse  # noqa: F401  (first, as everywhere)
 
+import torch
+
 from lmcourse.bench import save_result
 from lmcourse.cog import benchmark_cog, cog_attention, cog_attention_ref, cog_lm_comparison
 from lmcourse.testing import check_against_reference, kernel_dtypes, random_tensors
 
 
 def gpu_check() -> dict:
-    "Kernel vs float64 reference on the GPU in every kernel dtype (bf16 included), with realistic shapes."
+    """Kernel vs float64 reference on the GPU in every kernel dtype (bf16 included), with realistic shapes; the last
+    two pack documents as the LM run does (`segment_ids`: 1-7 documents of random lengths per sequence)."""
     rows = []
-    shapes = [(2, 8, 8, 1000, 1000, 64, True), (1, 8, 2, 777, 2048, 128, True), (2, 4, 4, 513, 513, 96, False),
-              (1, 4, 1, 1, 300, 128, True)]
+    shapes = [(2, 8, 8, 1000, 1000, 64, True, False), (1, 8, 2, 777, 2048, 128, True, False),
+              (2, 4, 4, 513, 513, 96, False, False), (1, 4, 1, 1, 300, 128, True, False),
+              (2, 8, 2, 1500, 1500, 128, True, True), (2, 4, 4, 400, 1100, 64, False, True)]
     for dtype in kernel_dtypes("cuda"):
-        for B, H, Hkv, Tq, Tk, D, causal in shapes:
+        for B, H, Hkv, Tq, Tk, D, causal, segments in shapes:
             for signed in (True, False):
                 (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, "cuda")
-                errors = check_against_reference(lambda q, k, v: cog_attention(q, k, v, causal, None, signed),
-                                                 lambda q, k, v: cog_attention_ref(q, k, v, causal, None, signed=signed),
-                                                 [q, k, v], seed=seed)
+                seg = packed_segments(B, Tk, seed) if segments else None
+                errors = check_against_reference(
+                    lambda q, k, v: cog_attention(q, k, v, causal, None, signed, segment_ids=seg),
+                    lambda q, k, v: cog_attention_ref(q, k, v, causal, None, signed=signed, segment_ids=seg),
+                    [q, k, v], seed=seed)
                 rows.append({"dtype": str(dtype), "shape": [B, H, Hkv, Tq, Tk, D], "causal": causal, "signed": signed,
-                             "seed": seed, **errors})
+                             "segments": segments, "seed": seed, **errors})
                 print(rows[-1], flush=True)
     return {"rows": rows}
+
+
+def packed_segments(B: int, T: int, seed: int) -> torch.Tensor:
+    "Segment ids [B, T] on the GPU: each row cut into 1-7 documents at random positions (sorted ids)."
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        cuts = torch.randint(1, T, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g)
+        seg[b, cuts] = 1
+    return seg.cumsum(-1).cuda()
 
 
 def bench(budget):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcourse.cog import (cog_attention, cog_attention_ref, cogformer_attention,
+from lmcourse.cog import (cog_attention, cog_attention_ref, cog_hf_attention_fn, cogformer_attention,
                           make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch
@@ -75,20 +75,33 @@ CASES = [
     dict(B=1, H=2, Hkv=2, Tq=40, Tk=40, D=16, zeros=True),     # exact zero logits
     dict(B=1, H=1, Hkv=1, Tq=33, Tk=33, D=128),
     dict(B=1, H=2, Hkv=2, Tq=64, Tk=64, D=16, signed=False),
+    # Large logits (q, k ×8 and ×30: |q·k|·scale in the hundreds and thousands, beyond exp's fp32 range unless the
+    # running max is taken over |p|, with the negative logits included) and non-default scales.
+    dict(B=1, H=2, Hkv=1, Tq=70, Tk=70, D=32, qk_mult=8),
+    # ×30: logits L ≈ 2000 carry an fp32 rounding error of about L·2⁻²⁴·√D ≈ 5e-4 in any fp32 kernel, the relative
+    # error of the weights: the tolerance follows the conditioning, not the kernel. Every row is then one-hot to within
+    # e^-20, so dQ and dK are exponentially small in exact arithmetic and fp32 cancellation (dP − D) in any kernel:
+    # only the output is compared.
+    dict(B=1, H=2, Hkv=2, Tq=45, Tk=45, D=16, qk_mult=30, causal=False, tol=1e-3, grad=False),
+    dict(B=1, H=2, Hkv=2, Tq=50, Tk=50, D=16, qk_mult=8, signed=False),
+    dict(B=1, H=2, Hkv=1, Tq=37, Tk=60, D=24, scale=0.61),
+    dict(B=1, H=2, Hkv=2, Tq=40, Tk=40, D=16, qk_mult=8, scale=0.013, segments=True),
 ]
 
 
-def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros=False, dtype=torch.float32):
+def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros=False, qk_mult=1.0, scale=None,
+           tol=None, grad=True, dtype=torch.float32):
     (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, DEVICE, scale=1.5)
+    q, k = q * qk_mult, k * qk_mult
     if zeros:
         q[:, :, ::5] = 0
         k[:, :, 1::7] = 0
     g = torch.Generator().manual_seed(seed)
     seg = torch.randint(0, 3, (B, Tk), generator=g).sort(-1).values.to(DEVICE) if segments else None
     return check_against_reference(
-        lambda q, k, v: cog_attention(q, k, v, causal, None, signed, segment_ids=seg),
-        lambda q, k, v: cog_attention_ref(q, k, v, causal, None, segment_ids=seg, signed=signed),
-        [q, k, v], seed=seed)
+        lambda q, k, v: cog_attention(q, k, v, causal, scale, signed, segment_ids=seg),
+        lambda q, k, v: cog_attention_ref(q, k, v, causal, scale, segment_ids=seg, signed=signed),
+        [q, k, v], grad=grad, tol=tol, grad_tol=tol, seed=seed)
 
 
 @pytest.mark.gpu
@@ -257,6 +270,29 @@ def test_transformers_attention_interface():
     # every-layer Cog through the kernel equals every-layer Cog through the reference
     assert_close(logits(register_cog_attention("cog_all_triton", layout="cog", backend="triton")),
                  logits(register_cog_attention("cog_all_ref", layout="cog", backend="reference")), 1e-4)
+
+
+def test_transformers_arguments_the_kernel_lacks_raise():
+    "dropout > 0, softcap, sliding_window and packed cu_seq_lens are refused, not silently ignored."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.1)
+    model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation(register_cog_attention("cog_test_args"))
+    ids = torch.randint(0, 128, (2, 12))
+    with pytest.raises(NotImplementedError, match="dropout=0.1"):
+        model.train()(ids)
+    model.eval()(ids)                                   # eval mode passes dropout=0.0: fine
+    fn = cog_hf_attention_fn()
+    module = model.model.layers[1].self_attn
+    q, k, v = torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    cu = torch.tensor([0, 5, 12])
+    for kw, what in [(dict(softcap=30.0), "soft-capping"), (dict(sliding_window=4), "sliding-window"),
+                     (dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7), "packed")]:
+        with pytest.raises(NotImplementedError, match=what):
+            fn(module, q, k, v, None, **kw)
+    out, _ = fn(module, q, k, v, None, softcap=None, sliding_window=None, cu_seq_lens_q=None)   # unset: fine
+    assert out.shape == (1, 12, 4, 16)
 
 
 # -- the experiment ----------------------------------------------------------------------------------------
