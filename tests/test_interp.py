@@ -164,15 +164,21 @@ def test_fully_frozen_path_patching_is_the_direct_effect(which):
             assert torch.allclose(metric(patched) - metric(clean_logits), direct[:, head].float(), atol=2e-5)
 
 
+def mean_ablation(mean, pos, head):
+    "hook_z edit: head `head`'s z at row b's position pos[b] replaced by its batch mean (`mean` [1, T, H, D])."
+    def ablate(z):
+        z = z.clone()
+        z[torch.arange(len(pos)), pos, head] = mean[0, pos, head]
+        return z
+    return ablate
+
+
 def test_path_patching_in_a_one_layer_attention_only_model_is_activation_patching():
     model = lm_model(n_layers=1, ffn=lambda c, l: NoMLP())
     tokens, _, pos = data()
     _, acts = model.run_with_cache(tokens, ["blocks.0.attn.hook_z"])
     mean = acts["blocks.0.attn.hook_z"].mean(0, keepdim=True)
-    def ablate(z):
-        z = z.clone()
-        z[torch.arange(3), pos, 1] = mean[0, pos, 1]
-        return z
+    ablate = mean_ablation(mean, pos, head=1)
     with patch(model, {"blocks.0.attn.hook_z": ablate}):
         expected = model(tokens)[0]
     assert torch.allclose(path_patch(model, tokens, [(0, 1)], positions=pos), expected, atol=1e-12)
@@ -184,10 +190,7 @@ def test_frozen_heads_block_indirect_paths_and_receivers_open_them():
     tokens, targets, pos = data()
     _, acts = model.run_with_cache(tokens, ["blocks.0.attn.hook_z"])
     mean = acts["blocks.0.attn.hook_z"].mean(0, keepdim=True)
-    def ablate(z):
-        z = z.clone()
-        z[torch.arange(3), pos, 0] = mean[0, pos, 0]
-        return z
+    ablate = mean_ablation(mean, pos, head=0)
     # direct path only: the same as ablating the head while every later head reads its clean input
     _, clean = model.run_with_cache(tokens, ["blocks.1.attn.hook_z"])
     with patch(model, {"blocks.0.attn.hook_z": ablate, "blocks.1.attn.hook_z": clean["blocks.1.attn.hook_z"]}):
