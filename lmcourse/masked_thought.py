@@ -32,7 +32,7 @@ import triton.language as tl
 from .data import BOS, FILLER, IGNORE_INDEX, SEP, Batch, WordVocab, register_task
 from .losses import final_hidden, fused_linear_cross_entropy, linear_cross_entropy_ref
 from .model import ModelConfig, Transformer
-from .testing import (CompileCase, alloc_output, assert_close, check_device, check_dtype, fresh_seed,
+from .testing import (CompileCase, alloc_output, assert_close, autotuned, check_device, check_dtype, fresh_seed,
                               kernel_device, poisoned_outputs, tolerance)
 from .train import Callback, TrainConfig, by_profile, train
 
@@ -167,12 +167,9 @@ GPU_CONFIGS = [triton.Config(dict(BLOCK_T=t, BLOCK_D=d), num_warps=w, num_stages
 MAX_TOKENS = 2 ** 31 - 1          # the token index is Philox's 32-bit counter word: more would repeat draws
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def _tuned(kernel, **extra):
-    "The kernel autotuned over GPU_CONFIGS (keyed on D; dtypes are in Triton's key) on a GPU; unchanged elsewhere."
-    return triton.autotune(GPU_CONFIGS, key=["D"], **extra)(kernel) if torch.cuda.is_available() else kernel
-
-_fwd_tuned = _tuned(_noisy_embedding_fwd_kernel)
-_bwd_tuned = _tuned(_noisy_embedding_bwd_kernel, reset_to_zero=["d_weight"])   # tuning trials must not add up
+# autotuned over GPU_CONFIGS on a GPU (keyed on D; dtypes are in Triton's key), the plain kernel elsewhere
+_fwd_tuned = autotuned(GPU_CONFIGS, ["D"])(_noisy_embedding_fwd_kernel)
+_bwd_tuned = autotuned(GPU_CONFIGS, ["D"], reset_to_zero=["d_weight"])(_noisy_embedding_bwd_kernel)   # trials must not add up
 
 _FORCED: dict = {}
 

@@ -252,16 +252,17 @@ def tile_kwargs(configs: Sequence, device: torch.device | str, cpu: dict) -> dic
         return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return dict(cpu)
 
-def autotuned(configs: Sequence, key: Sequence[str]) -> Callable:
-    """Decorator: `triton.autotune(configs, key)` where a GPU is present, the plain kernel elsewhere (autotuning
-    needs a driver). `LMCOURSE_AUTOTUNE_MAX=n` keeps the first n configs (`make gpu` trims its sweeps with it),
-    so list a kernel's configs best first."""
+def autotuned(configs: Sequence, key: Sequence[str], **autotune_kwargs) -> Callable:
+    """Decorator: `triton.autotune(configs, key, **autotune_kwargs)` where a GPU is present, the plain kernel elsewhere
+    (autotuning needs a driver). `LMCOURSE_AUTOTUNE_MAX=n` keeps the first n configs (`make gpu` trims its sweeps
+    with it), so list a kernel's configs best first. Pass `reset_to_zero=[...]` for outputs a kernel accumulates
+    into (atomics): every tuning trial must start from zeros."""
     def wrap(kernel):
         if not torch.cuda.is_available():
             return kernel
         import triton
         keep = int(os.environ.get("LMCOURSE_AUTOTUNE_MAX", "0")) or len(configs)
-        return triton.autotune(list(configs)[:keep], key=list(key))(kernel)
+        return triton.autotune(list(configs)[:keep], key=list(key), **autotune_kwargs)(kernel)
     return wrap
 
 # %% ../nbs/00d_testing.ipynb #c1a0e7e6

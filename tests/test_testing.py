@@ -4,7 +4,7 @@ import pytest
 import torch
 import triton
 
-from lmcourse.testing import (ELEMENT_TOL_FACTOR, CompileCase, KnownFailure, Launch, LaunchError, alloc_output,
+from lmcourse.testing import (ELEMENT_TOL_FACTOR, CompileCase, KnownFailure, Launch, LaunchError, alloc_output, autotuned,
                               assert_close, capture_launches, check_against_reference, check_block, check_device,
                               check_dot, check_dtype, compile_kernel, compile_verdict, dot_tile_kernel, gpu_sm_count,
                               gpu_tiles, kernel_dtypes, launch_signature, max_rel_error, poisoned_outputs, random_tensors, rel_error,
@@ -100,6 +100,18 @@ def test_kernel_dtypes_follow_the_gpu(monkeypatch):
                                  ((9, 0), [torch.float32, torch.float16, torch.bfloat16])]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert kernel_dtypes("cuda") == expected, capability
+
+
+def test_autotuned_trims_configs_and_passes_options(monkeypatch):
+    "On a GPU: triton.autotune with the first LMCOURSE_AUTOTUNE_MAX configs and the caller's options; elsewhere the kernel."
+    kernel = object()
+    assert autotuned(["a", "b"], ["N"])(kernel) is kernel            # no GPU here: the plain kernel
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton, "autotune", lambda configs, key, **kw: (calls.append((configs, key, kw)), lambda k: k)[1])
+    monkeypatch.setenv("LMCOURSE_AUTOTUNE_MAX", "1")
+    autotuned(["a", "b"], ["N"], reset_to_zero=["out"])(kernel)
+    assert calls == [(["a"], ["N"], {"reset_to_zero": ["out"]})]
 
 
 def test_gpu_tiles_switch_launchers_to_their_gpu_choices():
