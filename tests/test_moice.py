@@ -151,7 +151,10 @@ def _check_prefill(B, H, Hkv, Tq, Tk, D, N=3, causal=True, layout="half", scale=
     return check_against_reference(
         lambda q, k, v, z: moice_attention(q, k, v, torch.softmax(z.float(), -1), freqs, causal, scale, layout, blocks=blocks),
         lambda q, k, v, z: moice_attention_ref(q, k, v, torch.softmax(z, -1), freqs, causal=causal, scale=scale, layout=layout),
-        [q, k, v, z], seed=seed)
+        [q, k, v, z], seed=seed,
+        # fp16: the gate-logit gradient is the softmax Jacobian (a difference of near-equal terms) of a sum of Tk·D
+        # fp16 products, and it has few elements (B·H·Tq·N): its norm-wise error reaches ~1e-2 on some seeds
+        grad_tol=2e-2 if dtype == torch.float16 else None)
 
 
 PREFILL_CASES = [
