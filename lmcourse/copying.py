@@ -11,10 +11,9 @@ __all__ = ['CopyTask', 'induction_targets', 'previous_tokens', 'pattern_statisti
            'benchmark_induction_attention', 'CopyingRun', 'copying_run', 'train_copying', 'copying_milestones']
 
 # %% ../nbs/12_copying.ipynb #a1c0e007
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .cog import _check_kernel_inputs, _cog_forward, _unit_last_stride
@@ -100,10 +99,11 @@ def attention_patterns(model, tokens: torch.Tensor) -> list[torch.Tensor]:
         _, acts = model.run_with_cache(tokens, names)
         return [acts[n] for n in names]
     out = model(input_ids=tokens, output_attentions=True)
-    if getattr(out, "attentions", None) is None or any(a is None for a in out.attentions):
+    attentions = getattr(out, "attentions", None)
+    if not attentions or any(a is None for a in attentions):
         raise ValueError(f"{type(model).__name__} returned no attention probabilities: load it with "
                          "attn_implementation='eager' (fused kernels do not materialise them)")
-    return list(out.attentions)
+    return list(attentions)
 
 @dataclass
 class HeadScores:
@@ -307,7 +307,7 @@ def copying_run() -> CopyingRun:
                                                max_seq_len=512),
                         TrainConfig(steps=3000, batch_size=64, seq_len=full_task.seq_len, lr=1e-3, warmup_steps=200,
                                     min_lr_ratio=1.0, weight_decay=0.0, eval_every=3000, eval_batches=1, progress=False),
-                        every=100, n_eval=256, attention_only=False))
+                        every=100, n_eval=128, attention_only=False))
 
 def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides):
     "Train one arm (`train_overrides` replace `TrainConfig` fields, e.g. weight_decay=0.1); returns (model, History, CopyingMetrics)."
