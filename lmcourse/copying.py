@@ -7,10 +7,12 @@ Docs: https://lmcourse.github.io/lmcourse/copying.html.md"""
 # %% auto #0
 __all__ = ['CopyTask', 'induction_targets', 'previous_tokens', 'pattern_statistics', 'attention_patterns', 'HeadScores',
            'head_scores', 'induction_scores', 'copy_accuracy', 'ov_circuits', 'ov_copying_scores', 'CopyingMetrics',
-           'induction_layers', 'induction_attention', 'induction_attention_ref', 'compile_cases',
-           'benchmark_induction_attention', 'CopyingRun', 'copying_run', 'train_copying', 'copying_milestones']
+           'induction_layers', 'induction_attention', 'induction_attention_ref', 'recording_statistics',
+           'kernel_head_scores', 'compile_cases', 'benchmark_induction_attention', 'CopyingRun', 'copying_run',
+           'train_copying', 'copying_milestones']
 
 # %% ../nbs/12_copying.ipynb #a1c0e007
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -112,21 +114,28 @@ class HeadScores:
     previous_token: torch.Tensor    # attention on t − 1
     token_match: torch.Tensor       # attention on every key whose previous token equals x_t
 
+def _copy_positions(batch: Batch) -> torch.Tensor:
+    copy = batch.info["copy_mask"].to(batch.inputs.device)
+    if not copy.any(): raise ValueError("the batch has no copy positions (info['copy_mask'] is all False)")
+    return copy
+
+def _mean_over_copies(per_layer: list[dict], copy: torch.Tensor) -> HeadScores:
+    "HeadScores from per-layer {'induction', 'previous_token', 'token_match'} statistics [B, H, T], averaged over `copy` [B, T]."
+    weight = copy.double() / copy.sum()
+    mean = lambda stat: torch.einsum("bht,bt->h", stat.double(), weight).float().cpu()
+    return HeadScores(**{name: torch.stack([mean(layer[name]) for layer in per_layer]) for name in per_layer[0]})
+
 @torch.no_grad()
 def head_scores(model, batch: Batch) -> HeadScores:
     "Induction, previous-token and token-matching scores of every head on the copy positions of `batch` (an `induction` task batch)."
-    copy = batch.info["copy_mask"].to(batch.inputs.device)
-    if not copy.any(): raise ValueError("the batch has no copy positions (info['copy_mask'] is all False)")
-    target, prev = induction_targets(batch), torch.arange(batch.inputs.shape[1], device=copy.device) - 1
-    weight = copy.float() / copy.sum()
-    out = {"induction": [], "previous_token": [], "token_match": []}
+    copy = _copy_positions(batch)
+    target, prev = induction_targets(batch), (torch.arange(batch.inputs.shape[1], device=copy.device) - 1).expand_as(copy)
+    per_layer = []
     for pattern in attention_patterns(model, batch.inputs):
-        pattern = pattern.double()
-        hit, match = pattern_statistics(pattern, target, batch.inputs)
-        before, _ = pattern_statistics(pattern, prev.clamp(min=-1).expand_as(target), batch.inputs)
-        for name, stat in (("induction", hit), ("previous_token", before), ("token_match", match)):
-            out[name].append(torch.einsum("bht,bt->h", stat, weight.double()).float().cpu())
-    return HeadScores(**{name: torch.stack(v) for name, v in out.items()})
+        hit, match = pattern_statistics(pattern.double(), target, batch.inputs)
+        before, _ = pattern_statistics(pattern.double(), prev, batch.inputs)
+        per_layer.append({"induction": hit, "previous_token": before, "token_match": match})
+    return _mean_over_copies(per_layer, copy)
 
 def induction_scores(model, batch: Batch) -> torch.Tensor:
     "The induction (prefix-matching) score of every head, [n_layers, n_heads]: `head_scores(model, batch).induction`."
@@ -135,8 +144,7 @@ def induction_scores(model, batch: Batch) -> torch.Tensor:
 @torch.no_grad()
 def copy_accuracy(model, batch: Batch) -> float:
     "Greedy next-token accuracy on the copy positions of `batch` (the repeat's x₂…x_L)."
-    copy = batch.info["copy_mask"].to(batch.inputs.device)
-    if not copy.any(): raise ValueError("the batch has no copy positions (info['copy_mask'] is all False)")
+    copy = _copy_positions(batch)
     hits = _logits(model, batch.inputs).argmax(-1) == batch.targets.masked_fill(~copy, IGNORE_INDEX)
     return hits[copy].float().mean().item()
 
@@ -177,15 +185,17 @@ def ov_copying_scores(model) -> torch.Tensor:
 class CopyingMetrics(Callback):
     """Every `every` steps: `copy_accuracy`, per layer the max over heads of the induction and previous-token scores
     (`induction_L{l}`, `previous_token_L{l}`) on `repeats`, and, with `text` (a `lm_targets=True` batch), the loss on
-    its positions outside the copies (`text_loss`). `records` keeps every call's [L, H] scores and OV scores."""
-    def __init__(self, every: int, repeats: Batch, text: Batch | None = None):
+    its positions outside the copies (`text_loss`). `records` keeps every call's [L, H] scores and OV scores.
+    `scores(model, batch) -> HeadScores` computes the head scores: `head_scores` (materialised patterns) or
+    `kernel_head_scores` (the statistics kernel, below)."""
+    def __init__(self, every: int, repeats: Batch, text: Batch | None = None, scores=head_scores):
         super().__init__(every)
-        self.repeats, self.text, self.records = repeats, text, []
+        self.repeats, self.text, self.scores, self.records = repeats, text, scores, []
 
     def __call__(self, step: int, model, history) -> dict:
         device = next(model.parameters()).device
         repeats = self.repeats.to(device)
-        scores, acc = head_scores(model, repeats), copy_accuracy(model, repeats)
+        scores, acc = self.scores(model, repeats), copy_accuracy(model, repeats)
         out = {"copy_accuracy": acc}
         for l in range(scores.induction.shape[0]):
             out[f"induction_L{l}"] = scores.induction[l].max().item()
@@ -243,6 +253,36 @@ def induction_attention_ref(q, k, v, tokens, target=None, *, causal: bool = True
     hit, match = pattern_statistics(w, target.long(), tokens.long())
     return w @ expand_kv(v, q.shape[1]), hit, match
 
+@contextmanager
+def recording_statistics(model: Transformer, tokens: torch.Tensor, target: torch.Tensor):
+    """Within the block every attention layer of `model` runs `induction_attention` (forward only) with `tokens` [B, T]
+    and `target` [B, T]; yields a list that each forward pass fills with one (hit, match) [B, H, T] per layer."""
+    if not isinstance(model, Transformer): raise TypeError(f"recording_statistics needs an lmcourse Transformer, got {type(model).__name__}")
+    records, layers = [], [b.attn for b in model.blocks]
+    saved = [(a.attn_fn, a.takes_block_mask) for a in layers]
+    def attention(q, k, v, *, causal=True, segment_ids=None, scale=None):
+        o, hit, match = induction_attention(q, k, v, tokens, target, causal=causal, scale=scale, segment_ids=segment_ids)
+        records.append((hit, match))
+        return o.to(q.dtype)
+    for a in layers: a.attn_fn, a.takes_block_mask = attention, False
+    try:
+        yield records
+    finally:
+        for a, (fn, takes) in zip(layers, saved): a.attn_fn, a.takes_block_mask = fn, takes
+
+@torch.no_grad()
+def kernel_head_scores(model: Transformer, batch: Batch) -> HeadScores:
+    """`head_scores` from the statistics kernel: two forward passes (designated key s*(t), then t − 1), no [T, T]
+    pattern anywhere. For lmcourse `Transformer`s whose head dim the kernel covers (16 ≤ D ≤ 128)."""
+    copy = _copy_positions(batch)
+    prev = (torch.arange(batch.inputs.shape[1], device=copy.device) - 1).expand_as(copy)
+    with recording_statistics(model, batch.inputs, induction_targets(batch)) as at_target:
+        model(batch.inputs)
+    with recording_statistics(model, batch.inputs, prev) as at_previous:
+        model(batch.inputs)
+    return _mean_over_copies([{"induction": hit, "previous_token": before, "token_match": match}
+                              for (hit, match), (before, _) in zip(at_target, at_previous)], copy)
+
 # %% ../nbs/12_copying.ipynb #a1c0e032
 def compile_cases() -> list[CompileCase]:
     "The statistics variant of the Cog forward at the benchmark's width (2048) and head dims 64 and 128, every config, bf16 and fp16."
@@ -293,6 +333,7 @@ class CopyingRun:
     every: int = 50
     n_eval: int = 256
     attention_only: bool = True     # NoMLP feed-forward blocks (the classic two-layer induction setting)
+    kernel_scores: bool = False     # the callback's head scores from the statistics kernel (GPU) instead of patterns
 
 def copying_run() -> CopyingRun:
     "The sizes for the active profile (`LMCOURSE_PROFILE`): smoke, CPU seconds; full, one GPU, minutes."
@@ -307,7 +348,7 @@ def copying_run() -> CopyingRun:
                                                max_seq_len=512),
                         TrainConfig(steps=3000, batch_size=64, seq_len=full_task.seq_len, lr=1e-3, warmup_steps=200,
                                     min_lr_ratio=1.0, weight_decay=0.0, eval_every=3000, eval_batches=1, progress=False),
-                        every=100, n_eval=128, attention_only=False))
+                        every=100, n_eval=128, attention_only=False, kernel_scores=True))
 
 def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides):
     "Train one arm (`train_overrides` replace `TrainConfig` fields, e.g. weight_decay=0.1); returns (model, History, CopyingMetrics)."
@@ -315,7 +356,8 @@ def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides
     torch.manual_seed(seed)
     model = Transformer(run.model, ffn=(lambda c, layer: NoMLP()) if run.attention_only else None)
     metrics = CopyingMetrics(run.every, run.task.held_out(run.n_eval),
-                             run.task.held_out(run.n_eval, seed=2_000_003, text="markov", lm_targets=True))
+                             run.task.held_out(run.n_eval, seed=2_000_003, text="markov", lm_targets=True),
+                             scores=kernel_head_scores if run.kernel_scores else head_scores)
     history = train(model, run.task.train_batches(cfg.batch_size), cfg, device=device or "cpu", callbacks=[metrics])
     return model, history, metrics
 

@@ -8,6 +8,7 @@ import torch
 
 from lmcourse.copying import (CopyingMetrics, CopyTask, _cog_forward, copy_accuracy, copying_milestones, head_scores,
                               induction_attention, induction_attention_ref, induction_layers, induction_scores,
+                              kernel_head_scores, recording_statistics,
                               induction_targets, ov_circuits, ov_copying_scores, pattern_statistics, previous_tokens)
 from lmcourse.cog import cog_attention
 from lmcourse.model import ModelConfig, Transformer
@@ -241,3 +242,26 @@ def test_stats_bad_inputs_raise_clear_errors():
         induction_attention(q[..., :8].detach(), k[..., :8], v[..., :8], tokens)
     with pytest.raises(ValueError, match="more queries"):
         induction_attention(q.detach(), k[:, :, :20], v[:, :, :20], tokens[:, :20])
+
+
+@pytest.mark.gpu
+def test_kernel_head_scores_equal_the_pattern_scores():
+    "The scores from the statistics kernel inside the model (two forward passes) equal those from materialised patterns."
+    model, batch = _tiny_model(n_kv_heads=2).to(DEVICE), TASK.held_out(6, seed=fresh_seed()).to(DEVICE)
+    with torch.no_grad():                                   # larger logits: peaked, head-specific patterns
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(30.0)
+            block.attn.k_proj.weight.mul_(30.0)
+    ours, reference = kernel_head_scores(model, batch), head_scores(model, batch)
+    for name in ("induction", "previous_token", "token_match"):
+        assert_close(getattr(ours, name), getattr(reference, name), 1e-4, name)
+    assert reference.induction.max() - reference.induction.min() > 0.05           # not all uniform
+    before = [b.attn.attn_fn for b in model.blocks]
+    with torch.no_grad(), recording_statistics(model, batch.inputs, induction_targets(batch)) as records:
+        logits, _ = model(batch.inputs)
+    assert len(records) == 2 and records[0][0].shape == (6, 4, batch.inputs.shape[1])
+    assert [b.attn.attn_fn for b in model.blocks] == before                        # restored
+    with torch.no_grad():
+        assert_close(logits, model(batch.inputs)[0], name="logits")              # the kernel computes the same attention
+    with pytest.raises(TypeError, match="lmcourse Transformer"):
+        with recording_statistics(torch.nn.Linear(2, 2), batch.inputs, batch.inputs): pass
