@@ -9,7 +9,7 @@ __all__ = ['CopyTask', 'induction_targets', 'previous_tokens', 'pattern_statisti
            'head_scores', 'induction_scores', 'copy_accuracy', 'ov_circuits', 'ov_copying_scores', 'CopyingMetrics',
            'induction_layers', 'induction_attention', 'induction_attention_ref', 'recording_statistics',
            'kernel_head_scores', 'compile_cases', 'benchmark_induction_attention', 'CopyingRun', 'copying_run',
-           'train_copying', 'copying_milestones']
+           'train_copying', 'corpus_mixed_batches', 'copying_milestones']
 
 # %% ../nbs/12_copying.ipynb #a1c0e007
 from contextlib import contextmanager
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cog import _check_kernel_inputs, _cog_forward, _unit_last_stride
-from .data import Batch, make_task
+from .data import Batch, ByteTokenizer, TokenStream, load_corpus, make_task
 from .interp import HookedHF, NoMLP
 from .model import IGNORE_INDEX, ModelConfig, Transformer, attention_weights, expand_kv
 from .testing import CompileCase
@@ -114,10 +114,12 @@ class HeadScores:
     previous_token: torch.Tensor    # attention on t − 1
     token_match: torch.Tensor       # attention on every key whose previous token equals x_t
 
-def _copy_positions(batch: Batch) -> torch.Tensor:
+def _on_model(model, batch: Batch) -> tuple[Batch, torch.Tensor]:
+    "`batch` on the model's device, and its copy positions [B, T] (a clear error when there are none)."
+    batch = batch.to(next(model.parameters()).device)
     copy = batch.info["copy_mask"].to(batch.inputs.device)
     if not copy.any(): raise ValueError("the batch has no copy positions (info['copy_mask'] is all False)")
-    return copy
+    return batch, copy
 
 def _mean_over_copies(per_layer: list[dict], copy: torch.Tensor) -> HeadScores:
     "HeadScores from per-layer {'induction', 'previous_token', 'token_match'} statistics [B, H, T], averaged over `copy` [B, T]."
@@ -128,7 +130,7 @@ def _mean_over_copies(per_layer: list[dict], copy: torch.Tensor) -> HeadScores:
 @torch.no_grad()
 def head_scores(model, batch: Batch) -> HeadScores:
     "Induction, previous-token and token-matching scores of every head on the copy positions of `batch` (an `induction` task batch)."
-    copy = _copy_positions(batch)
+    batch, copy = _on_model(model, batch)
     target, prev = induction_targets(batch), (torch.arange(batch.inputs.shape[1], device=copy.device) - 1).expand_as(copy)
     per_layer = []
     for pattern in attention_patterns(model, batch.inputs):
@@ -144,7 +146,7 @@ def induction_scores(model, batch: Batch) -> torch.Tensor:
 @torch.no_grad()
 def copy_accuracy(model, batch: Batch) -> float:
     "Greedy next-token accuracy on the copy positions of `batch` (the repeat's x₂…x_L)."
-    copy = _copy_positions(batch)
+    batch, copy = _on_model(model, batch)
     hits = _logits(model, batch.inputs).argmax(-1) == batch.targets.masked_fill(~copy, IGNORE_INDEX)
     return hits[copy].float().mean().item()
 
@@ -274,7 +276,7 @@ def recording_statistics(model: Transformer, tokens: torch.Tensor, target: torch
 def kernel_head_scores(model: Transformer, batch: Batch) -> HeadScores:
     """`head_scores` from the statistics kernel: two forward passes (designated key s*(t), then t − 1), no [T, T]
     pattern anywhere. For lmcourse `Transformer`s whose head dim the kernel covers (16 ≤ D ≤ 128)."""
-    copy = _copy_positions(batch)
+    batch, copy = _on_model(model, batch)
     prev = (torch.arange(batch.inputs.shape[1], device=copy.device) - 1).expand_as(copy)
     with recording_statistics(model, batch.inputs, induction_targets(batch)) as at_target:
         model(batch.inputs)
@@ -334,11 +336,12 @@ class CopyingRun:
     n_eval: int = 256
     attention_only: bool = True     # NoMLP feed-forward blocks (the classic two-layer induction setting)
     kernel_scores: bool = False     # the callback's head scores from the statistics kernel (GPU) instead of patterns
+    corpus_bytes: int = 0           # > 0: half of every batch is byte-level stdlib text (this many bytes; vocab 257)
 
 def copying_run() -> CopyingRun:
     "The sizes for the active profile (`LMCOURSE_PROFILE`): smoke, CPU seconds; full, one GPU, minutes."
     smoke_task = CopyTask()
-    full_task = CopyTask(vocab_size=512, length=48, min_length=8, max_prefix=192, max_gap=64, branching=8)
+    full_task = CopyTask(vocab_size=ByteTokenizer.vocab_size, length=48, min_length=8, max_prefix=192, max_gap=64, branching=8)
     return by_profile(
         smoke=CopyingRun(smoke_task, ModelConfig(vocab_size=smoke_task.vocab_size, d_model=64, n_layers=2, n_heads=4,
                                                  max_seq_len=64, tie_embeddings=False),
@@ -348,7 +351,7 @@ def copying_run() -> CopyingRun:
                                                max_seq_len=512),
                         TrainConfig(steps=3000, batch_size=64, seq_len=full_task.seq_len, lr=1e-3, warmup_steps=200,
                                     min_lr_ratio=1.0, weight_decay=0.0, eval_every=3000, eval_batches=1, progress=False),
-                        every=100, n_eval=128, attention_only=False, kernel_scores=True))
+                        every=100, n_eval=128, attention_only=False, kernel_scores=True, corpus_bytes=20_000_000))
 
 def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides):
     "Train one arm (`train_overrides` replace `TrainConfig` fields, e.g. weight_decay=0.1); returns (model, History, CopyingMetrics)."
@@ -358,8 +361,25 @@ def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides
     metrics = CopyingMetrics(run.every, run.task.held_out(run.n_eval),
                              run.task.held_out(run.n_eval, seed=2_000_003, text="markov", lm_targets=True),
                              scores=kernel_head_scores if run.kernel_scores else head_scores)
-    history = train(model, run.task.train_batches(cfg.batch_size), cfg, device=device or "cpu", callbacks=[metrics])
+    get_batch = run.task.train_batches(cfg.batch_size)
+    if run.corpus_bytes:
+        stream = TokenStream.from_docs(load_corpus("stdlib", "train", max_bytes=run.corpus_bytes), ByteTokenizer())
+        get_batch = corpus_mixed_batches(run.task, stream, cfg.batch_size)
+    history = train(model, get_batch, cfg, device=device or "cpu", callbacks=[metrics])
     return model, history, metrics
+
+def corpus_mixed_batches(task: CopyTask, stream: TokenStream, batch_size: int):
+    """`get_batch` whose rows are half byte-level text windows of `stream` (documents kept apart by segment ids) and half
+    `task.train_batches` rows (one segment id): natural text with its own repeats, plus copy-rich synthetic text."""
+    if task.vocab_size != ByteTokenizer.vocab_size:
+        raise ValueError(f"mixing with byte-level text needs task.vocab_size = {ByteTokenizer.vocab_size}, got {task.vocab_size}")
+    n_text = batch_size // 2
+    synthetic = task.train_batches(batch_size - n_text)
+    def get_batch(split: str, generator: torch.Generator | None = None) -> Batch:
+        text, rows = stream.batch(n_text, task.seq_len, generator), synthetic(split, generator)
+        return Batch(torch.cat([text.inputs, rows.inputs]), torch.cat([text.targets, rows.targets]),
+                     torch.cat([text.segment_ids, torch.zeros_like(rows.inputs)]))
+    return get_batch
 
 def copying_milestones(history, loss_fraction: float = 0.9, copy_threshold: float = 0.3) -> dict:
     """{'loss_step': first logged step where `text_loss` has made `loss_fraction` of its drop (first to lowest),

@@ -6,11 +6,12 @@ import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GP
 import pytest
 import torch
 
-from lmcourse.copying import (CopyingMetrics, CopyTask, _cog_forward, copy_accuracy, copying_milestones, head_scores,
+from lmcourse.copying import (CopyingMetrics, CopyingRun, CopyTask, _cog_forward, corpus_mixed_batches, train_copying, copy_accuracy, copying_milestones, head_scores,
                               induction_attention, induction_attention_ref, induction_layers, induction_scores,
                               kernel_head_scores, recording_statistics,
                               induction_targets, ov_circuits, ov_copying_scores, pattern_statistics, previous_tokens)
 from lmcourse.cog import cog_attention
+from lmcourse.data import ByteTokenizer, TokenStream, load_corpus
 from lmcourse.model import ModelConfig, Transformer
 from lmcourse.train import History, TrainConfig, train
 from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, gpu_config_count, gpu_tiles,
@@ -265,3 +266,19 @@ def test_kernel_head_scores_equal_the_pattern_scores():
         assert_close(logits, model(batch.inputs)[0], name="logits")              # the kernel computes the same attention
     with pytest.raises(TypeError, match="lmcourse Transformer"):
         with recording_statistics(torch.nn.Linear(2, 2), batch.inputs, batch.inputs): pass
+
+
+def test_corpus_mixed_batches_and_a_tiny_full_style_run():
+    "The full run's data path on CPU: half byte-level stdlib windows (segment ids), half synthetic rows; train_copying runs on it."
+    task = CopyTask(vocab_size=257, length=8, min_length=4, max_prefix=8, max_gap=4)
+    stream = TokenStream.from_docs(load_corpus("stdlib", "train", max_bytes=100_000), ByteTokenizer())
+    batch = corpus_mixed_batches(task, stream, 6)("train", torch.Generator().manual_seed(fresh_seed()))
+    assert batch.inputs.shape == batch.targets.shape == batch.segment_ids.shape == (6, task.seq_len)
+    assert (batch.segment_ids[3:] == 0).all() and batch.inputs.max() < 257
+    with pytest.raises(ValueError, match="vocab_size = 257"):
+        corpus_mixed_batches(CopyTask(), stream, 6)
+    run = CopyingRun(task, ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
+                     TrainConfig(steps=3, batch_size=4, seq_len=task.seq_len, warmup_steps=1, eval_every=3, eval_batches=1,
+                                 progress=False), every=2, n_eval=8, attention_only=False, corpus_bytes=100_000)
+    model, hist, metrics = train_copying(run)
+    assert hist.metric_steps["copy_accuracy"] == [0, 1, 2] and len(metrics.records) == 3
