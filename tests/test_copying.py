@@ -98,7 +98,8 @@ def test_copy_accuracy_counts_only_the_copy_positions():
         assert copy_accuracy(model, batch) == 1.0
     copy = batch.info["copy_mask"]
     broken = wanted.clone()
-    broken[copy & (torch.rand(copy.shape) < 0.5)] = 0                 # token 0 (BOS) is never a copy target
+    coin = torch.rand(copy.shape, generator=torch.Generator().manual_seed(fresh_seed()))
+    broken[copy & (coin < 0.5)] = 0                                  # token 0 (BOS) is never a copy target
     expected = (broken == batch.targets)[copy].float().mean().item()
     with model.hooks({"blocks.0.hook_resid_post": model.lm_head.weight[broken].detach()}):
         assert abs(copy_accuracy(model, batch) - expected) < 1e-6 and expected < 0.7
@@ -220,7 +221,11 @@ def test_stats_flag_leaves_the_output_and_lse_unchanged():
     ids = lambda t: t.to(torch.int32).contiguous()
     o, lse = _cog_forward(q, k, v, None, True, 32 ** -0.5, False)
     o2, lse2, _, _ = _cog_forward(q, k, v, None, True, 32 ** -0.5, False, stats=(ids(tokens), ids(tokens), ids(tokens)))
-    assert torch.equal(o, o2) and torch.equal(lse, lse2), seed
+    if DEVICE.type == "cpu":                                         # the same tiles: bit for bit
+        assert torch.equal(o, o2) and torch.equal(lse, lse2), seed
+    else:                                                            # the autotuner may pick other tiles for STATS
+        assert_close(o2, o, seed=seed)
+        assert_close(lse2, lse, seed=seed)
     assert_close(o, cog_attention(q, k, v, signed=False), seed=seed)
 
 
@@ -254,8 +259,9 @@ def test_kernel_head_scores_equal_the_pattern_scores():
             block.attn.q_proj.weight.mul_(30.0)
             block.attn.k_proj.weight.mul_(30.0)
     ours, reference = kernel_head_scores(model, batch), head_scores(model, batch)
+    tol = 1e-4 if DEVICE.type == "cpu" else 2e-2                     # a GPU's fp32 dots are TF32: logits of tens
     for name in ("induction", "previous_token", "token_match"):
-        assert_close(getattr(ours, name), getattr(reference, name), 1e-4, name)
+        assert_close(getattr(ours, name), getattr(reference, name), tol, name)
     assert reference.induction.max() - reference.induction.min() > 0.05           # not all uniform
     before = [b.attn.attn_fn for b in model.blocks]
     with torch.no_grad(), recording_statistics(model, batch.inputs, induction_targets(batch)) as records:
@@ -263,7 +269,7 @@ def test_kernel_head_scores_equal_the_pattern_scores():
     assert len(records) == 2 and records[0][0].shape == (6, 4, batch.inputs.shape[1])
     assert [b.attn.attn_fn for b in model.blocks] == before                        # restored
     with torch.no_grad():
-        assert_close(logits, model(batch.inputs)[0], name="logits")              # the kernel computes the same attention
+        assert_close(logits, model(batch.inputs)[0], tol, name="logits")         # the kernel computes the same attention
     with pytest.raises(TypeError, match="lmcourse Transformer"):
         with recording_statistics(torch.nn.Linear(2, 2), batch.inputs, batch.inputs): pass
 
