@@ -168,6 +168,10 @@ CASES = [
 
 def _check(B, H, Hkv, Tq, Tk, D, causal=True, segments=False, qk_mult=1.0, scale=None, tol=None, vocab=6,
            no_target=False, dtype=torch.float32):
+    if qk_mult > 1 and DEVICE.type == "cuda" and dtype == torch.float32:
+        # A GPU's fp32 dots are TF32, which rounds logits of hundreds by more than any fp32 tolerance: there the large-logit
+        # cases run in fp16, whose inputs the float64 reference shares exactly (products accumulate in fp32).
+        dtype, tol = torch.float16, None
     (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, DEVICE, scale=1.5)
     q, k = q * qk_mult, k * qk_mult
     g = torch.Generator().manual_seed(seed)
