@@ -114,49 +114,60 @@ def combine_rows(y_rows: torch.Tensor, weights: torch.Tensor, sort: ExpertSort, 
 
 # %% ../nbs/05_aoe.ipynb #7c502185
 @triton.jit
-def _aoe_gate_fwd_kernel(
+def _aoe_gate_norms_kernel(
     x_ptr,          # [T, d] tokens
     w_ptr,          # [n, d, r] W_down of every expert
     c_ptr,          # out [T, n·r] low-rank cache
     s_ptr,          # out [T, n] fp32 norms
+    T, D_MODEL, N_EXPERTS, R,
+    stride_xt, stride_we, stride_wd, stride_ct,
+    BLOCK_M: tl.constexpr,   # tokens per program
+    BLOCK_D: tl.constexpr,   # reduction chunk over d
+    BLOCK_R: tl.constexpr,   # columns of the expert's r handled at a time
+):
+    "Program (i_m, e): c = X[tile] W_down[e] (stored) and ||c|| per token (fp32, from the fp32 accumulator)."
+    i_m, i_e = tl.program_id(0), tl.program_id(1)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: T·n·r passes 2³¹ at long batches
+    m_m = o_m < T
+    b_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i_r in range(0, R, BLOCK_R):
+        o_r = i_r + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_c = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i_d in range(0, D_MODEL, BLOCK_D):
+            o_d = i_d + tl.arange(0, BLOCK_D)
+            m_d = o_d < D_MODEL
+            b_x = tl.load(x_ptr + o_m[:, None] * stride_xt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+            b_w = tl.load(w_ptr + i_e.to(tl.int64) * stride_we + o_d[:, None] * stride_wd + o_r[None, :],
+                          mask=m_d[:, None] & m_r[None, :], other=0.0)
+            b_c += tl.dot(b_x, b_w)
+        p_c = c_ptr + o_m[:, None] * stride_ct + i_e * R + o_r[None, :]
+        tl.store(p_c, b_c.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+        b_sq += tl.sum(b_c * b_c, axis=1)
+    tl.store(s_ptr + o_m * N_EXPERTS + i_e, tl.sqrt(b_sq), mask=m_m)
+
+
+@triton.jit
+def _aoe_gate_select_kernel(
+    s_ptr,          # [T, n] fp32 norms
     idx_ptr,        # out [T, K] int32 selected experts, best first
     g_ptr,          # out [T, K] fp32 gate weights (`gate_weights` of the selected norms)
     count_ptr,      # in/out [n] int32, zero on entry: how many tokens selected each expert
     psum_ptr,       # in/out [n] fp32, zero on entry: Σ over tokens of softmax(norms)
-    T, D_MODEL, N_EXPERTS, R,
-    stride_xt, stride_we, stride_wd, stride_ct,
+    T, N_EXPERTS,
     TOP_K: tl.constexpr,
     RENORMALIZE: tl.constexpr,   # g = softmax over the K winners (True) or the full softmax's p at them (False)
     BLOCK_M: tl.constexpr,   # tokens per program
-    BLOCK_D: tl.constexpr,   # reduction chunk over d
-    BLOCK_R: tl.constexpr,   # columns of one expert's r handled at a time
     BLOCK_E: tl.constexpr,   # next power of two ≥ n
     BLOCK_K: tl.constexpr,   # next power of two ≥ K
 ):
+    "Program i_m: top-K, gate weights, and this tile's share of counts and prob_sum, from the n norms of its tokens."
     i_m = tl.program_id(0)
-    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: T·n·r passes 2³¹ at long batches
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < T
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < N_EXPERTS
-    b_s = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for i_e in range(N_EXPERTS):
-        b_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for i_r in range(0, R, BLOCK_R):
-            o_r = i_r + tl.arange(0, BLOCK_R)
-            m_r = o_r < R
-            b_c = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for i_d in range(0, D_MODEL, BLOCK_D):
-                o_d = i_d + tl.arange(0, BLOCK_D)
-                m_d = o_d < D_MODEL
-                b_x = tl.load(x_ptr + o_m[:, None] * stride_xt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-                b_w = tl.load(w_ptr + i_e * stride_we + o_d[:, None] * stride_wd + o_r[None, :],
-                              mask=m_d[:, None] & m_r[None, :], other=0.0)
-                b_c += tl.dot(b_x, b_w)
-            p_c = c_ptr + o_m[:, None] * stride_ct + i_e * R + o_r[None, :]
-            tl.store(p_c, b_c.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
-            b_sq += tl.sum(b_c * b_c, axis=1)
-        b_s = tl.where(o_e[None, :] == i_e, tl.sqrt(b_sq)[:, None], b_s)
-    tl.store(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], b_s, mask=m_m[:, None] & m_e[None, :])
+    b_s = tl.load(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], mask=m_m[:, None] & m_e[None, :], other=0.0)
     b_s = tl.where(m_e[None, :], b_s, float("-inf"))
     # full softmax over all n experts: this tile's share of P (the balance loss needs every expert)
     b_smax = tl.max(b_s, axis=1)
@@ -249,9 +260,16 @@ def _aoe_gate_bwd_kernel(
 def _pow2(n: int, lo: int = 16) -> int: return max(lo, triton.next_power_of_2(n))
 
 def _gate_blocks(x: torch.Tensor, d: int, r: int, n: int, k: int) -> dict:
+    """Block sizes of the gate's three kernels: `norms` (a GEMM tile over tokens × r, reduced over d), `select` and
+    the backward (tokens × all n experts in registers: at most 2048 fp32 per tile, so n = 64 takes 32 tokens)."""
     on_gpu = use_gpu_tiles(x.device)        # the GPU's blocks on CUDA, and in the interpreter inside gpu_tiles()
-    return dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(64, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r)),
-                BLOCK_E=_pow2(n, 2), BLOCK_K=_pow2(k, 2))
+    BLOCK_E = _pow2(n, 2)
+    rows = min(64, max(16, 2048 // BLOCK_E)) if on_gpu else 16
+    # fp32 operands (TF32 dots) at BLOCK_D = 64 spill on sm_80's mma.sync: half the d chunk
+    chunk_d = 32 if on_gpu and x.dtype == torch.float32 else 64
+    return dict(norms=dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(chunk_d, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r))),
+                select=dict(BLOCK_M=rows, BLOCK_E=BLOCK_E, BLOCK_K=_pow2(k, 2)),
+                bwd=dict(BLOCK_M=rows, BLOCK_R=min(128 if on_gpu else 64, _pow2(r)), BLOCK_E=BLOCK_E, BLOCK_K=_pow2(k, 2)))
 
 def _check_gate_inputs(x, w_down, top_k):
     if x.dim() != 2 or w_down.dim() != 3: raise ValueError(f"x must be [T, d] and w_down [n, d, r]; got {tuple(x.shape)}, {tuple(w_down.shape)}")
@@ -273,10 +291,13 @@ class AoEGateFunction(torch.autograd.Function):
         counts = torch.zeros(n, dtype=torch.int32, device=x.device)
         prob_sum = torch.zeros(n, dtype=torch.float32, device=x.device)
         blocks = _gate_blocks(x, d, r, n, top_k)
-        _aoe_gate_fwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
-            x, w_down, cache, norms, idx, weights, counts, prob_sum, T, d, n, r,
-            x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-            **blocks)
+        # 2-D grid: every (token tile, expert) pair is a program, so W_down[e] is read by T / BLOCK_M programs
+        # at once and even a decode step (T = 1) runs n programs
+        _aoe_gate_norms_kernel[(triton.cdiv(T, blocks["norms"]["BLOCK_M"]), n)](
+            x, w_down, cache, norms, T, d, n, r, x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0),
+            **blocks["norms"])
+        _aoe_gate_select_kernel[(triton.cdiv(T, blocks["select"]["BLOCK_M"]),)](
+            norms, idx, weights, counts, prob_sum, T, n, TOP_K=top_k, RENORMALIZE=renormalize, **blocks["select"])
         ctx.renormalize = renormalize
         ctx.save_for_backward(x, w_down, cache, norms, idx, weights)
         ctx.mark_non_differentiable(idx, counts)
@@ -287,8 +308,7 @@ class AoEGateFunction(torch.autograd.Function):
         x, w_down, cache, norms, idx, weights = ctx.saved_tensors
         (T, d), (n, _, r) = x.shape, w_down.shape
         d_total = alloc_output((T, n * r), torch.float32, x.device)
-        blocks = _gate_blocks(x, d, r, n, idx.shape[1])
-        blocks.pop("BLOCK_D")
+        blocks = _gate_blocks(x, d, r, n, idx.shape[1])["bwd"]
         _aoe_gate_bwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
             cache, norms, idx, weights, d_cache.contiguous(), d_norms.float().contiguous(), d_weights.float().contiguous(),
             d_prob_sum.float().contiguous(), d_total, T, n, r, cache.stride(0), TOP_K=idx.shape[1],
@@ -528,8 +548,8 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
 # %% ../nbs/05_aoe.ipynb #a0e1c002
 def compile_cases() -> list[CompileCase]:
     "Representative GPU launches for the compile test: gate and grouped SwiGLU, forward and backward, every dtype."
-    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give BLOCK_D=64,
-        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_R=128): small; never read
+    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give the GPU's
+        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_D and BLOCK_R=128): small; never read
         w = torch.empty(s["n_experts"], 64, 128, dtype=dtype, requires_grad=True)
         cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"], renormalize)
         outs = [cache, norms, weights, prob_sum]
@@ -569,12 +589,6 @@ def compile_cases() -> list[CompileCase]:
 # (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
 _BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
 _KNOWN_COMPILE_FAILURES = [
-    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.9",), "32 B"),
-    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.6",), "16-104 B"),
-    (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
-    (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
-    (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
-    (("bfloat16",), "gate fine-grained megablocks", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "48-176 B"),
     (_BF16_FP16, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
     (("float32",), "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_80",), ("3.9", "3.6"), "216-1064 B"),
     (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
