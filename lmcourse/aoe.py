@@ -10,9 +10,11 @@ __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_
            'sort_by_expert', 'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
            'GroupedSwiGLUFunction', 'grouped_swiglu', 'compile_cases', 'routing_stats', 'MoELayer', 'AoELayer',
            'layer_flops', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds',
-           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
+           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss',
+           'AoEGate', 'AoEExperts', 'swap_moe_for_aoe', 'save_aoe_moe', 'load_aoe_moe', 'NormRouter', 'remove_routers']
 
 # %% ../nbs/05_aoe.ipynb #0e2f929e
+import functools
 import math
 from dataclasses import dataclass
 
@@ -959,3 +961,155 @@ def swap_mlp_for_aoe(model, d_low: int, n_experts: int = 8, top_k: int = 2, aux_
 def hf_aux_loss(layers: list[nn.Module]) -> torch.Tensor:
     "Sum of the layers' aux losses from the last forward (zero in eval mode)."
     return sum((l.aux_loss for l in layers if l.aux_loss is not None), torch.zeros(()))
+
+# %% ../nbs/05_aoe.ipynb #a0e1hf02
+def _moe_blocks(model) -> list[nn.Module]:
+    "The sparse-MoE blocks of a Hugging Face MoE model: decoder layers whose `mlp` has a `gate` router and `experts`."
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no sparse-MoE blocks (decoder layers whose mlp has .gate and "
+                         ".experts); for a dense Llama-style model use swap_mlp_for_aoe")
+    return blocks
+
+def _moe_sizes(config) -> dict:
+    "n, K, expert width F and top-K renormalisation of a Hugging Face MoE config (Mixtral or Qwen-MoE naming)."
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    F_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return dict(n_experts=n, top_k=config.num_experts_per_tok, d_ffn=F_width,
+                renormalize=bool(getattr(config, "norm_topk_prob", True)))
+
+class AoEGate(nn.Module):
+    """AoE self-evaluation in a Hugging Face MoE block's `gate` slot. forward(h [N, d]) -> (norms [N, n] fp32 — what
+    `transformers` records as router logits —, weights [N, K] fp32, indices [N, K]); leaves the cache [N, n·r] on
+    `self.cache` for the block's `AoEExperts`. Parameters: w_down [n, d, r]."""
+    def __init__(self, d_model: int, d_low: int, n_experts: int, top_k: int, renormalize: bool = True,
+                 init_std: float = 0.02, impl: str = "auto"):
+        nn.Module.__init__(self)            # not the family router's __init__: no router weight
+        self.hidden_dim, self.num_experts, self.top_k, self.renormalize, self.impl = d_model, n_experts, top_k, renormalize, impl
+        self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_low) * init_std)
+        self.cache = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
+        gate = aoe_gate if triton_path else aoe_gate_reference
+        self.cache, norms, idx, weights, _, _ = gate(x, self.w_down.to(x.dtype), self.top_k, self.renormalize)
+        return norms, weights, idx.long()
+
+@functools.cache
+def _aoe_gate_class(router_class: type) -> type:
+    "AoEGate as a subclass of the family's router class, so the family's router-logit hook records its norms."
+    return type(f"AoE{router_class.__name__}", (AoEGate, router_class), {})
+
+class AoEExperts(nn.Module):
+    """A Hugging Face MoE block's `experts` slot for AoE. forward(h [N, d], indices [N, K], weights [N, K]) -> [N, d]:
+    SwiGLU experts continued from the block's `AoEGate` cache. Parameters: w_up [n, r, D], w_p [n, d, D], w_o [n, D, d]."""
+    def __init__(self, gate: AoEGate, d_model: int, d_wide: int, init_std: float = 0.02, impl: str = "auto"):
+        super().__init__()
+        n, _, r = gate.w_down.shape
+        self._gate = [gate]                 # a reference, not a submodule: its parameters stay under `gate`
+        self.n_experts, self.d_low, self.impl = n, r, impl
+        self.w_up = nn.Parameter(torch.randn(n, r, d_wide) * init_std)
+        self.w_p = nn.Parameter(torch.randn(n, d_model, d_wide) * init_std)
+        self.w_o = nn.Parameter(torch.randn(n, d_wide, d_model) * init_std)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        gate = self._gate[0]
+        cache, gate.cache = gate.cache, None
+        if cache is None or len(cache) != len(hidden_states):
+            raise RuntimeError("AoEExperts continues from the AoE gate's cache: run the block's gate on the same tokens "
+                               "first (the block's forward does)")
+        x, dtype = hidden_states, hidden_states.dtype
+        sort = sort_by_expert(top_k_index, torch.bincount(top_k_index.flatten(), minlength=self.n_experts))
+        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
+        experts = grouped_swiglu if triton_path else grouped_swiglu_reference
+        y_rows = experts(cache.view(-1, self.d_low), x, self.w_up.to(dtype), self.w_p.to(dtype), self.w_o.to(dtype),
+                         sort.tokens * self.n_experts + sort.experts, sort.tokens, sort.offsets)
+        return combine_rows(y_rows, top_k_weights, sort, len(x)).to(dtype)
+
+def swap_moe_for_aoe(model, d_low: int, impl: str = "auto") -> list[nn.Module]:
+    """Turn a Hugging Face sparse-MoE model (Mixtral, Qwen2-MoE, ...) into AoE in place: every block's router and
+    experts become a parameter-matched `AoEGate` + `AoEExperts` (D = aoe_d_wide(d, F, r)); fresh weights, init as the
+    config's `initializer_range`. Returns the blocks. The family's `output_router_logits=True` then gives AoE's
+    balance loss as `aux_loss` (and adds `router_aux_loss_coef` times it to `loss`). Records `aoe_d_low` in the config."""
+    blocks = _moe_blocks(model)
+    c, s = model.config, _moe_sizes(model.config)
+    d_wide = aoe_d_wide(c.hidden_size, s["d_ffn"], d_low)
+    # transformers installs its recording hooks at the first forward (flagged on the inner model)
+    hooked = any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules())
+    for block in blocks:
+        gate = _aoe_gate_class(type(block.gate))(c.hidden_size, d_low, s["n_experts"], s["top_k"], s["renormalize"],
+                                                 c.initializer_range, impl).to(block.gate.weight.device)
+        block.gate, block.experts = gate, AoEExperts(gate, c.hidden_size, d_wide, c.initializer_range, impl).to(gate.w_down.device)
+        if hooked:   # give the new gates theirs
+            try:
+                from transformers.utils.output_capturing import install_output_capuring_hook
+            except ImportError as e:
+                raise RuntimeError("this model has already run a forward, and this transformers version has no "
+                                   "install_output_capuring_hook: swap before the model's first forward") from e
+            install_output_capuring_hook(gate, "router_logits", 0)
+    c.aoe_d_low = d_low
+    return blocks
+
+def save_aoe_moe(model, path):
+    """Save a model made by `swap_moe_for_aoe` under its own parameter names (`save_original_format=False`: no
+    renaming back to the family's legacy checkpoint names, which know nothing of AoE); reload with `load_aoe_moe`."""
+    model.save_pretrained(path, save_original_format=False)
+
+def load_aoe_moe(path, impl: str = "auto"):
+    "A model saved by `save_aoe_moe`: built from its config, swapped, weights loaded (every name must match)."
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    if not hasattr(config, "aoe_d_low"):
+        raise ValueError(f"{path} holds no AoE model (its config has no aoe_d_low): load it with from_pretrained")
+    model = AutoModelForCausalLM.from_config(config)
+    swap_moe_for_aoe(model, config.aoe_d_low, impl)
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: weights do not match the AoE model (saved with save_aoe_moe?): missing "
+                         f"{sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    model.tie_weights()
+    return model.eval()
+
+# %% ../nbs/05_aoe.ipynb #a0e1hf06
+class NormRouter(nn.Module):
+    """A router-free `gate` for a pretrained Hugging Face MoE block: expert i scores a token by ||x W_g,i|| (node="gate")
+    or ||SiLU(x W_g,i) ⊙ x W_p,i|| (node="swiglu"), read from the block's experts. forward(h [N, d]) ->
+    (norms [N, n] fp32, weights [N, K] fp32, indices [N, K]); weights as `gate_weights`."""
+    def __init__(self, experts: nn.Module, top_k: int, node: str = "gate", renormalize: bool = True):
+        nn.Module.__init__(self)
+        if node not in ("gate", "swiglu"): raise ValueError(f"node must be 'gate' or 'swiglu', got {node!r}")
+        self._experts = [experts]           # the experts' weights, not a copy
+        self.top_k, self.node, self.renormalize = top_k, node, renormalize
+        self.num_experts, self.hidden_dim = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        w_gate, w_p = self._experts[0].gate_up_proj.chunk(2, dim=1)          # [n, F, d] each: gate rows first
+        h = torch.einsum("td,efd->tef", x, w_gate.to(x.dtype))
+        if self.node == "swiglu":
+            h = F.silu(h) * torch.einsum("td,efd->tef", x, w_p.to(x.dtype))
+        norms = torch.linalg.vector_norm(h.float(), dim=-1)
+        idx, weights = topk_softmax(norms, self.top_k, self.renormalize)
+        return norms, weights, idx
+
+@functools.cache
+def _norm_router_class(router_class: type) -> type:
+    return type(f"Norm{router_class.__name__}", (NormRouter, router_class), {})
+
+def remove_routers(model, node: str = "gate") -> list[nn.Module]:
+    """The paper's Table 1 swap, in place: every sparse-MoE block of a (pretrained) Hugging Face MoE model loses its
+    router; its experts choose themselves by a node's norm (see `NormRouter`). No training. Returns the new gates."""
+    gates = []
+    for block in _moe_blocks(model):
+        if not hasattr(block.experts, "gate_up_proj"):
+            raise ValueError(f"{type(block.experts).__name__} stores no gate_up_proj [n, 2F, d]; remove_routers reads W_g from it")
+        block.gate = _norm_router_class(type(block.gate))(block.experts, model.config.num_experts_per_tok, node)
+        gates.append(block.gate)
+    return gates
