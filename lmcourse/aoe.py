@@ -914,7 +914,8 @@ def lm_run(kind: str, size: dict, seed: int = 0, impl: str = "auto", progress: b
                        seed=seed, progress=progress)
     def loss_fn(m, batch):
         _, loss = m(batch.inputs, batch.targets, segment_ids=batch.segment_ids)
-        return loss, {"balance_loss": float(sum(b.ffn.balance_loss for b in m.blocks)) / len(m.blocks)}
+        # a tensor, not float(...): the loop copies metrics to the host every log_every steps, so no step waits for the GPU
+        return loss, {"balance_loss": sum(b.ffn.balance_loss for b in m.blocks) / len(m.blocks)}
     hist = train(model, get_batch, tcfg, loss_fn=loss_fn)
     report = routing_report(model, get_batch, token_kinds(tok), size["eval_batches"], seed)
     return dict(kind=kind, seed=seed, size=size, params=model.num_params(), history=hist.to_dict(),
