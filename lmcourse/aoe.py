@@ -865,11 +865,11 @@ def token_kinds(tokenizer) -> torch.Tensor:
     return torch.tensor([kind(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
 
 def lm_data(size: dict):
-    "Tokenizer and a `get_batch(split, generator)` over the stdlib corpus."
+    "(tokenizer, `get_batch(split, generator)` over the stdlib corpus, tokens in one epoch of its train split)."
     from lmcourse.data import ByteTokenizer, bpe_tokenizer, corpus_streams, stream_batches
     tok = ByteTokenizer() if size["tokenizer"] == "byte" else bpe_tokenizer(4096)
     streams = corpus_streams(tok, size["train_bytes"], size["val_bytes"])
-    return tok, stream_batches(streams, size["batch_size"], size["seq_len"])
+    return tok, stream_batches(streams, size["batch_size"], size["seq_len"]), len(streams["train"])
 
 def lm_model(kind: str, size: dict, vocab_size: int, impl: str = "auto") -> Transformer:
     "An LM whose feed-forward blocks are MoELayer ('moe') or parameter-matched AoELayer ('aoe')."
@@ -906,7 +906,7 @@ def routing_report(model: Transformer, get_batch, kinds: torch.Tensor, n_batches
 def lm_run(kind: str, size: dict, seed: int = 0, impl: str = "auto", progress: bool = False, data=None) -> dict:
     "Train one LM of `kind` at `size` with lmcourse.train; return history, tokens/s, parameter counts and routing report."
     from lmcourse.train import TrainConfig, train
-    tok, get_batch = data or lm_data(size)
+    tok, get_batch, train_tokens = data or lm_data(size)
     torch.manual_seed(seed)
     model = lm_model(kind, size, tok.vocab_size, impl)
     tcfg = TrainConfig(steps=size["steps"], batch_size=size["batch_size"], seq_len=size["seq_len"], lr=size["lr"],
@@ -918,8 +918,10 @@ def lm_run(kind: str, size: dict, seed: int = 0, impl: str = "auto", progress: b
         return loss, {"balance_loss": sum(b.ffn.balance_loss for b in m.blocks) / len(m.blocks)}
     hist = train(model, get_batch, tcfg, loss_fn=loss_fn)
     report = routing_report(model, get_batch, token_kinds(tok), size["eval_batches"], seed)
+    tokens = size["steps"] * size["batch_size"] * size["seq_len"]
     return dict(kind=kind, seed=seed, size=size, params=model.num_params(), history=hist.to_dict(),
-                tokens_per_s=hist.tokens_per_s, final_val_loss=hist.val_loss[-1], **report)
+                tokens_per_s=hist.tokens_per_s, final_val_loss=hist.val_loss[-1], tokens=tokens,
+                train_tokens=train_tokens, epochs=tokens / train_tokens, **report)
 
 def plot_lm_runs(runs: list[dict]):
     "Validation curves, per-layer load and selection entropy, and token-kind → expert heatmaps (last layer)."
