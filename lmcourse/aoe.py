@@ -9,9 +9,10 @@ __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_
            'gate_weights', 'topk_softmax', 'aoe_gate_reference', 'router_gate_reference', 'ExpertSort',
            'sort_by_expert', 'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
            'GroupedSwiGLUFunction', 'grouped_swiglu', 'compile_cases', 'routing_stats', 'MoELayer', 'AoELayer',
-           'layer_flops', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds',
-           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss',
-           'AoEGate', 'AoEExperts', 'swap_moe_for_aoe', 'save_aoe_moe', 'load_aoe_moe', 'NormRouter', 'remove_routers']
+           'layer_flops', 'bench_d_wide', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy',
+           'token_kinds', 'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe',
+           'hf_aux_loss', 'AoEGate', 'AoEExperts', 'swap_moe_for_aoe', 'save_aoe_moe', 'load_aoe_moe', 'NormRouter',
+           'remove_routers']
 
 # %% ../nbs/05_aoe.ipynb #0e2f929e
 import functools
@@ -559,7 +560,7 @@ def compile_cases() -> list[CompileCase]:
 
     def experts(s: dict, dtype: torch.dtype):
         T, d, n, K, r = 64, s["d_model"], s["n_experts"], s["top_k"], s["d_low"]
-        D = aoe_d_wide(d, s["d_ffn"], r)
+        D = bench_d_wide(s)
         idx = torch.arange(T * K).view(T, K) % n                                          # round-robin routing
         sort = sort_by_expert(idx, torch.bincount(idx.flatten(), minlength=n))
         z, x = torch.empty(T * n, r, dtype=dtype, requires_grad=True), torch.empty(T, d, dtype=dtype, requires_grad=True)
@@ -732,6 +733,11 @@ BENCH_SHAPES = {
     "fine-grained": dict(tokens=16384, d_model=2048, d_ffn=768, n_experts=64, top_k=8, d_low=128),
 }
 
+def bench_d_wide(s: dict, multiple: int = 128) -> int:
+    """The AoE width D of a benchmark shape: `aoe_d_wide` rounded up to a multiple of 128, so expert rows are aligned
+    for vectorised and TMA loads and `torch._grouped_mm` (19999 → 20096 at Mixtral, 1056 → 1152 fine-grained)."""
+    return -(-aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"]) // multiple) * multiple
+
 def _bench_layer(kind: str, impl: str, s: dict, device, dtype):
     if kind == "dense":
         from lmcourse.model import SwiGLU
@@ -739,7 +745,7 @@ def _bench_layer(kind: str, impl: str, s: dict, device, dtype):
     if kind == "moe":
         layer = MoELayer(s["d_model"], s["d_ffn"], s["n_experts"], s["top_k"], impl=impl)
     else:
-        layer = AoELayer(s["d_model"], s["d_low"], aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"]), s["n_experts"], s["top_k"], impl=impl)
+        layer = AoELayer(s["d_model"], s["d_low"], bench_d_wide(s), s["n_experts"], s["top_k"], impl=impl)
     return layer.to(device, dtype)
 
 def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
@@ -761,7 +767,9 @@ def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
                 def step(layer=layer, mode=mode):
                     out = layer(x)
                     if mode == "fwd+bwd": out.backward(dy)
-                row = dict(shape=shape_name, provider=provider, mode=mode, **s)
+                row = dict(shape=shape_name, provider=provider, mode=mode, **s,
+                           **({"d_wide": bench_d_wide(s), "d_wide_matched": aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"])}
+                              if kind == "aoe" else {}))
                 try:
                     step(); torch.cuda.synchronize()
                     t = bench_ms(step, grad_to_none=[x, *layer.parameters()])
