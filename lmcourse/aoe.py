@@ -754,7 +754,8 @@ def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
     if not gpu_available(): raise RuntimeError("layer_benchmark needs a CUDA GPU")
     shapes, device, rows = shapes or BENCH_SHAPES, torch.device("cuda"), []
     providers = {"moe-loop": ("moe", "torch"), "moe-triton": ("moe", "triton"), "moe-grouped_mm": ("moe", "grouped_mm"),
-                 "aoe-loop": ("aoe", "torch"), "aoe-triton": ("aoe", "triton"), "dense": ("dense", None)}
+                 "aoe-loop": ("aoe", "torch"), "aoe-triton": ("aoe", "triton"), "aoe-grouped_mm": ("aoe", "grouped_mm"),
+                 "dense": ("dense", None)}
     for shape_name, s in shapes.items():
         x = torch.randn(s["tokens"], s["d_model"], device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
