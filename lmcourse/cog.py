@@ -11,7 +11,7 @@ __all__ = ['LOG2E', 'MIN_HEAD_DIM', 'MAX_HEAD_DIM', 'CPU_BLOCKS', 'DELTA_BLOCK_M
            'cogformer_attention', 'difference_task', 'OneHeadAttention', 'mse_loss', 'train_difference_task',
            'ioi_prompts', 'counting_docs', 'lm_corpus', 'CogLMConfig', 'cog_lm_config', 'train_cog_lm', 'cog_layers',
            'negative_weight_fraction', 'ioi_accuracy', 'oversquashing_probe', 'cog_lm_comparison',
-           'cog_hf_attention_fn', 'register_cog_attention']
+           'padding_segment_ids', 'cog_hf_attention_fn', 'register_cog_attention']
 
 # %% ../nbs/03_cog.ipynb #240b347b
 from dataclasses import dataclass
@@ -811,6 +811,25 @@ def _check_hf_arguments(dropout: float, kwargs: dict):
             raise NotImplementedError(f"Cog attention does not implement {what}: got {name}={kwargs[name]!r}; "
                                       "pad the batch instead of packing it, or use a model without this feature")
 
+def padding_segment_ids(attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor | None:
+    """Segment ids [B, Tk] int32 (0: a real token, 1: padding) equivalent to a `transformers` mask [B, 1, Tq, Tk]
+    (boolean, or additive with 0 = allowed) that is "causal (bottom-right aligned) and not padding" on every real
+    query row; None for any other mask (the caller must then apply the mask itself)."""
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if allowed.dim() != 4 or not (allowed == allowed[:, :1]).all():   # one mask for every head
+        return None
+    allowed = allowed[:, 0]
+    _, Tq, Tk = allowed.shape
+    if Tq > Tk: return None
+    key_valid = allowed.any(dim=1)                                    # [B, Tk]: keys some query may see
+    expected = key_valid[:, None, :].expand_as(allowed)
+    if causal:   # query i sits at key position Tk - Tq + i
+        expected = expected & torch.ones(Tq, Tk, dtype=torch.bool, device=allowed.device).tril(Tk - Tq)
+    query_valid = key_valid[:, Tk - Tq:]
+    if not torch.equal(allowed[query_valid], expected[query_valid]):
+        return None
+    return (~key_valid).to(torch.int32)
+
 def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     """A `transformers` attention function `fn(module, query, key, value, attention_mask, scaling=None, ...)`.
 
@@ -828,9 +847,11 @@ def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
         else:
             signed = layout == "cog"
         causal = getattr(module, "is_causal", True)
-        if attention_mask is None:              # transformers dropped the mask: causality is ours to apply
-            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=None, scale=scaling)
-        else:
+        segments = None if attention_mask is None else padding_segment_ids(attention_mask, causal)
+        if attention_mask is None or segments is not None:   # no mask (causality is ours to apply), or padding
+            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=segments,
+                                  scale=scaling)
+        else:                                   # any other mask: the reference with that mask, O(T²) memory
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             group = query.shape[1] // key.shape[1]
             k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
