@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcourse.cog import (cog_attention, cog_attention_ref, cog_hf_attention_fn, cogformer_attention,
+from lmcourse.cog import (cog_attention, cog_attention_ref, cog_attention_simple, cog_hf_attention_fn, cogformer_attention,
                           make_attention_fn, negative_weight_fraction, padding_segment_ids, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch
@@ -270,6 +270,35 @@ def test_transformers_attention_interface():
     # every-layer Cog through the kernel equals every-layer Cog through the reference
     assert_close(logits(register_cog_attention("cog_all_triton", layout="cog", backend="triton")),
                  logits(register_cog_attention("cog_all_ref", layout="cog", backend="reference")), 1e-4)
+
+
+# -- the thirty-line kernel --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,block", [(1, 16, 16), (37, 32, 16), (150, 64, 64), (300, 128, 64), (129, 64, 128)])
+def test_simple_kernel_matches_reference(T, D, block):
+    "Ragged T, several key blocks, the GPU's block sizes, logits large enough that the running max of |p| matters."
+    (q, k, v), seed = random_tensors([(2, 2, T, D)] * 3, device=DEVICE)
+    check_against_reference(lambda q, k, v: cog_attention_simple(q * 6, k, v, block),
+                            lambda q, k, v: cog_attention_ref(q * 6, k, v), [q, k, v], grad=False, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
+def test_simple_kernel_dtypes(dtype):
+    (q, k, v), seed = random_tensors([(1, 3, 70, 64)] * 3, device=DEVICE, dtype=dtype)
+    check_against_reference(lambda q, k, v: cog_attention_simple(q, k, v, 32), cog_attention_ref, [q, k, v],
+                            grad=False, seed=seed)
+
+
+def test_simple_kernel_rejects_bad_input():
+    q = torch.randn(1, 2, 8, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim=48"):
+        cog_attention_simple(q, q, q)
+    q = torch.randn(1, 2, 8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="block=8"):
+        cog_attention_simple(q, q, q, block=8)
+    with pytest.raises(ValueError, match="share"):
+        cog_attention_simple(q, q[:, :1], q)
 
 
 def test_padding_masks_become_segments():
