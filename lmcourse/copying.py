@@ -9,7 +9,7 @@ __all__ = ['CopyTask', 'induction_targets', 'previous_tokens', 'pattern_statisti
            'head_scores', 'induction_scores', 'copy_accuracy', 'ov_circuits', 'ov_copying_scores', 'CopyingMetrics',
            'induction_layers', 'induction_attention', 'induction_attention_ref', 'recording_statistics',
            'kernel_head_scores', 'compile_cases', 'benchmark_induction_attention', 'CopyingRun', 'copying_run',
-           'train_copying', 'corpus_mixed_batches', 'copying_milestones']
+           'train_copying', 'text_repeats', 'corpus_mixed_batches', 'copying_milestones']
 
 # %% ../nbs/12_copying.ipynb #a1c0e007
 from contextlib import contextmanager
@@ -187,12 +187,14 @@ def ov_copying_scores(model) -> torch.Tensor:
 class CopyingMetrics(Callback):
     """Every `every` steps: `copy_accuracy`, per layer the max over heads of the induction and previous-token scores
     (`induction_L{l}`, `previous_token_L{l}`) on `repeats`, and, with `text` (a `lm_targets=True` batch), the loss on
-    its positions outside the copies (`text_loss`). `records` keeps every call's [L, H] scores and OV scores.
+    its positions outside the copies (`text_loss`); with `text_repeats` (a `text_repeats` batch), the copy accuracy on
+    natural text (`text_copy_accuracy`). `records` keeps every call's [L, H] scores and OV scores.
     `scores(model, batch) -> HeadScores` computes the head scores: `head_scores` (materialised patterns) or
     `kernel_head_scores` (the statistics kernel, below)."""
-    def __init__(self, every: int, repeats: Batch, text: Batch | None = None, scores=head_scores):
+    def __init__(self, every: int, repeats: Batch, text: Batch | None = None, scores=head_scores,
+                 text_repeats: Batch | None = None):
         super().__init__(every)
-        self.repeats, self.text, self.scores, self.records = repeats, text, scores, []
+        self.repeats, self.text, self.scores, self.text_repeats, self.records = repeats, text, scores, text_repeats, []
 
     def __call__(self, step: int, model, history) -> dict:
         device = next(model.parameters()).device
@@ -207,6 +209,8 @@ class CopyingMetrics(Callback):
             targets = text.targets.masked_fill(text.info["copy_mask"].to(device), IGNORE_INDEX)
             out["text_loss"] = F.cross_entropy(_logits(model, text.inputs).float().flatten(0, 1), targets.flatten(),
                                                ignore_index=IGNORE_INDEX).item()
+        if self.text_repeats is not None:
+            out["text_copy_accuracy"] = copy_accuracy(model, self.text_repeats)
         self.records.append({"step": step, **out, "induction": scores.induction, "previous_token": scores.previous_token,
                              "ov": ov_copying_scores(model)})
         return out
@@ -363,10 +367,29 @@ def train_copying(run: CopyingRun, seed: int = 0, device=None, **train_overrides
                              scores=kernel_head_scores if run.kernel_scores else head_scores)
     get_batch = run.task.train_batches(cfg.batch_size)
     if run.corpus_bytes:
-        stream = TokenStream.from_docs(load_corpus("stdlib", "train", max_bytes=run.corpus_bytes), ByteTokenizer())
+        stream, val = (TokenStream.from_docs(load_corpus("stdlib", split, max_bytes=n), ByteTokenizer())
+                       for split, n in (("train", run.corpus_bytes), ("val", max(100_000, run.corpus_bytes // 20))))
         get_batch = corpus_mixed_batches(run.task, stream, cfg.batch_size)
+        metrics.text_repeats = text_repeats(val, run.n_eval, run.task.length, run.task.seq_len - run.task.length + 1)
     history = train(model, get_batch, cfg, device=device or "cpu", callbacks=[metrics])
     return model, history, metrics
+
+def text_repeats(stream: TokenStream, n: int, length: int, width: int, seed: int = 3_000_017) -> Batch:
+    """Held-out copies in natural text: per row a window of `width` tokens of `stream`, then a span of `length` tokens
+    of it repeated, the span ending a random 0 … width − length − 1 tokens before the window does (so the offset varies).
+    inputs [n, width + length − 1]; `info` as the `induction` task's: `first`, `repeat` (= width), `copy_mask`."""
+    if not 2 <= length < width:
+        raise ValueError(f"need 2 <= length < width, got length={length}, width={width}")
+    g = torch.Generator().manual_seed(seed)
+    windows = stream.batch(n, width, g).inputs                                       # [n, width]
+    first = width - length - torch.randint(0, width - length, (n,), generator=g)     # in [1, width - length]
+    span = windows.gather(1, first[:, None] + torch.arange(length))
+    rows = torch.cat([windows, span], 1)
+    T = width + length - 1
+    copy = (torch.arange(T) >= width) & (torch.arange(T) < width + length - 1)      # the repeat's x₁ … x_{L−1}
+    copy = copy.expand(n, T).clone()
+    return Batch(rows[:, :-1], rows[:, 1:].masked_fill(~copy, IGNORE_INDEX), None,
+                 dict(first=first, repeat=torch.full((n,), width), lengths=torch.full((n,), length), copy_mask=copy))
 
 def corpus_mixed_batches(task: CopyTask, stream: TokenStream, batch_size: int):
     """`get_batch` whose rows are half byte-level text windows of `stream` (documents kept apart by segment ids) and half

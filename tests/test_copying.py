@@ -6,7 +6,7 @@ import lmcourse  # noqa: F401  (first: enables the Triton interpreter when no GP
 import pytest
 import torch
 
-from lmcourse.copying import (CopyingMetrics, CopyingRun, CopyTask, _cog_forward, corpus_mixed_batches, train_copying, copy_accuracy, copying_milestones, head_scores,
+from lmcourse.copying import (CopyingMetrics, CopyingRun, CopyTask, _cog_forward, corpus_mixed_batches, text_repeats, train_copying, copy_accuracy, copying_milestones, head_scores,
                               induction_attention, induction_attention_ref, induction_layers, induction_scores,
                               kernel_head_scores, recording_statistics,
                               induction_targets, ov_circuits, ov_copying_scores, pattern_statistics, previous_tokens)
@@ -292,3 +292,19 @@ def test_corpus_mixed_batches_and_a_tiny_full_style_run():
                                  progress=False), every=2, n_eval=8, attention_only=False, corpus_bytes=100_000)
     model, hist, metrics = train_copying(run)
     assert hist.metric_steps["copy_accuracy"] == [0, 1, 2] and len(metrics.records) == 3
+    assert hist.metric_steps["text_copy_accuracy"] == [0, 1, 2]
+
+
+def test_text_repeats_copy_a_span_of_natural_text():
+    stream = TokenStream.from_docs(load_corpus("stdlib", "val", max_bytes=50_000), ByteTokenizer())
+    batch = text_repeats(stream, 16, length=7, width=30, seed=fresh_seed())
+    assert batch.inputs.shape == (16, 36) and batch.info["copy_mask"].sum(1).eq(6).all()
+    first = batch.info["first"]
+    assert ((1 <= first) & (first <= 23)).all() and len(set(first.tolist())) > 1          # the offset varies
+    s_star, x = induction_targets(batch), batch.inputs
+    rows, t = (s_star >= 0).nonzero(as_tuple=True)
+    assert torch.equal(x[rows, s_star[rows, t] - 1], x[rows, t])                         # the same span, shifted
+    assert torch.equal(x[rows, s_star[rows, t]], batch.targets[rows, t])
+    assert (batch.targets[~batch.info["copy_mask"]] == -100).all()
+    with pytest.raises(ValueError, match="length < width"):
+        text_repeats(stream, 2, length=30, width=30)
