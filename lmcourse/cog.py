@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .model import AttentionFn, ModelConfig, Transformer, check_qkv, attention_mask, sdpa_attention
-from .testing import (CompileCase, KnownFailure, alloc_output, autotuned, check_device, check_dtype, tile_kwargs,
+from .testing import (CompileCase, alloc_output, autotuned, check_device, check_dtype, tile_kwargs,
                                triton_interpreted)
 
 # %% ../nbs/03_cog.ipynb #d509766b
@@ -411,24 +411,40 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 _TUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "CAUSAL", "SIGNED", "HAS_SEG"]
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
-                         (64, 128, 4, 3)])
-# dK/dV: measured with the compile test on the transposed kernel, (BLOCK_M, BLOCK_N, warps, stages) = (64, 128, 8, 3),
-# (64, 64, 4 or 8, 3) and (32, 128, 4, 3) spill at head dim 128 and (16, 128, 8, 3) leaves a dot on mma.sync with
-# Triton 3.6: pruned. These two are spill-free with wgmma at head dims 64 and 128 on sm_90 (Triton 3.9 and 3.6).
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (32, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and tile class, best first. Every one compiles without register
+# spills (and with wgmma for 16-bit dots on sm_90) for sm_90 and sm_80 with Triton 3.9 and 3.6 — measured with the
+# compile test (tests/test_gpu_compile.py), which is why the lists differ by head dim and dtype:
+# - "hd64" (16-bit, head dim ≤ 64): the first lists of this chapter.
+# - "hd128" (16-bit, head dim > 64): at head dim 128 every hd64 forward config spilled somewhere (8–440 B a thread:
+#   (128, 64, 4 or 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)), as did dQ's
+#   (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3) and dK/dV's (32, 128, 8, 3) on sm_80. fp16 compiles as bf16.
+# - "fp32": fp32 tiles take twice the registers of 16-bit ones: smaller tiles. (Their dots run in TF32 on a GPU.)
+# - "stats" (16-bit forward with the copying chapter's induction statistics, STATS=True): two more fp32 row sums;
+#   (128, 64, 8, 3) and (64, 64, 4, 3) spill 40 B at head dim 128 on sm_80, (64, 128, 4, 3) and (128, 128, 8, 3) on
+#   sm_90 too.
+_SHAPES = {
+    "fwd": {"hd64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)],
+            "hd128": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+            "fp32": [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+            "stats": [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]},
+    # dK/dV on the transposed tiles: (64, 128, 8, 3), (64, 64, 4 or 8, 3) and (32, 128, 4, 3) spill at head dim 128
+    # and (16, 128, 8, 3) leaves a dot on mma.sync with Triton 3.6
+    "dkdv": {"hd64": [(32, 128, 8, 3), (32, 64, 4, 3)], "hd128": [(32, 64, 4, 3), (32, 64, 4, 2)],
+             "fp32": [(32, 32, 4, 2), (16, 32, 4, 2)]},
+    "dq": {"hd64": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+           "hd128": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
+           "fp32": [(64, 32, 8, 2), (64, 32, 4, 2)]},
+}
+_CONFIGS = {name: {cls: _configs(shapes) for cls, shapes in classes.items()} for name, classes in _SHAPES.items()}
+_KERNELS = {"fwd": _cog_fwd_kernel, "dkdv": _cog_bwd_dkdv_kernel, "dq": _cog_bwd_dq_kernel}
+_TUNED = {(name, cls): autotuned(configs, _TUNE_KEY)(_KERNELS[name])        # autotuned on a GPU only
+          for name, classes in _CONFIGS.items() for cls, configs in classes.items()}
 
-# The forward with induction statistics (STATS, the copying chapter) holds two more fp32 row sums and their masks:
-# its own configs. Measured with the compile test (lmcourse.copying.compile_cases, bf16): (128, 64, 8, 3) and
-# (64, 64, 4, 3) spill 40 B at head dim 128 on sm_80, (64, 128, 4, 3) and (128, 128, 8, 3) spill on sm_90 too;
-# these three are spill-free with wgmma at head dims 64 and 128 on sm_90 and sm_80.
-_STATS_CONFIGS = _configs([(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
-
-_cog_fwd = autotuned(_FWD_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)            # autotuned on a GPU only
-_cog_fwd_stats = autotuned(_STATS_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)   # the same kernel with STATS=True
-_cog_bwd_dkdv = autotuned(_DKDV_CONFIGS, _TUNE_KEY)(_cog_bwd_dkdv_kernel)
-_cog_bwd_dq = autotuned(_DQ_CONFIGS, _TUNE_KEY)(_cog_bwd_dq_kernel)
+def _tile_class(q: torch.Tensor, stats: bool = False) -> str:
+    "Which config list a launch on `q` [B, H, T, D] uses (see `_SHAPES`)."
+    if q.dtype == torch.float32: return "fp32"
+    if stats: return "stats"
+    return "hd64" if q.shape[-1] <= 64 else "hd128"
 
 def _blocks(configs, device):
     "None on a GPU (the autotuner picks from `configs`); CPU_BLOCKS in the interpreter, or a GPU config in `gpu_tiles`."
@@ -488,10 +504,9 @@ def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool, stats=N
             H, H // Hkv, Tq, Tk, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
     meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed, HAS_SEG=seg is not None,
                 STATS=stats is not None)
-    if stats is None:
-        _cog_fwd[grid](*args, **meta, **_blocks(_FWD_CONFIGS, q.device))
-    else:
-        _cog_fwd_stats[grid](*args, **meta, **_blocks(_STATS_CONFIGS, q.device))
+    cls = _tile_class(q, stats is not None)
+    fwd_kernel = _TUNED["fwd", cls]
+    fwd_kernel[grid](*args, **meta, **_blocks(_CONFIGS["fwd"][cls], q.device))
     return (o, lse) if stats is None else (o, lse, hit, match)
 
 def _cog_backward(q, k, v, o, lse, do, seg, causal: bool, scale: float, signed: bool):
@@ -508,18 +523,21 @@ def _cog_backward(q, k, v, o, lse, do, seg, causal: bool, scale: float, signed: 
     seg_arg, seg_stride = (seg, seg.stride(0)) if seg is not None else (lse, 0)
     buckets = (triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
     meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed, HAS_SEG=seg is not None)
-    _cog_bwd_dkdv[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)](
+    cls = _tile_class(q)
+    dkdv_kernel = _TUNED["dkdv", cls]
+    dq_kernel = _TUNED["dq", cls]
+    dkdv_kernel[lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, seg_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), seg_stride,
-        H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta, **_blocks(_DKDV_CONFIGS, q.device))
-    _cog_bwd_dq[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
+        H, Hkv, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta, **_blocks(_CONFIGS["dkdv"][cls], q.device))
+    dq_kernel[lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, seg_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), seg_stride,
-        H, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta, **_blocks(_DQ_CONFIGS, q.device))
+        H, H // Hkv, Tq, Tk, scale, scale * LOG2E, *buckets, **meta, **_blocks(_CONFIGS["dq"][cls], q.device))
     return dq, dk, dv
 
 class CogAttentionFunction(torch.autograd.Function):
@@ -559,44 +577,15 @@ def compile_cases() -> list[CompileCase]:
         seg = torch.zeros(1, 256, dtype=torch.int32) if segments else None
         o = cog_attention(q, k, v, True, None, signed, segment_ids=seg)
         o.backward(torch.empty_like(o))
-    def known(label, dtype):
-        name = str(dtype).removeprefix("torch.")
-        return [KnownFailure(11, reason, kernel, where, targets, tritons)
-                for dtypes, case, kernel, where, targets, tritons, reason in _KNOWN_COMPILE_FAILURES
-                if case == label and name in dtypes]
-
-    bf16 = [CompileCase(f"hd{D}", torch.bfloat16, lambda D=D: launch(D, torch.bfloat16), known(f"hd{D}", torch.bfloat16))
-            for D in (64, 128)]
-    other = [CompileCase("hd128", dtype, lambda dtype=dtype: launch(128, dtype), known("hd128", dtype), configs=(0,))
-             for dtype in (torch.float16, torch.float32)]
+    # every config of every tile class compiles: bf16 at head dims 64 and 128 ("hd64", "hd128"), fp32 at 128 (its
+    # worst case); fp16 compiles exactly as bf16 (measured for every hd128 config), so once, at its first config
+    bf16 = [CompileCase(f"hd{D}", torch.bfloat16, lambda D=D: launch(D, torch.bfloat16)) for D in (64, 128)]
+    other = [CompileCase("hd128", torch.float16, lambda: launch(128, torch.float16), configs=(0,)),
+             CompileCase("hd128", torch.float32, lambda: launch(128, torch.float32))]
     simple = [CompileCase(f"simple hd{D}", torch.bfloat16,
                           lambda D=D: cog_attention_simple(*(torch.empty(1, 16, 256, D, dtype=torch.bfloat16) for _ in range(3))))
               for D in (64, 128)]
     return bf16 + other + simple
-
-# What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80) at the autotune configs above: the launches
-# that spill or put bf16 dots on mma.sync today. Issue 11 retunes or prunes the configs; a fix that leaves its entry
-# here fails the test (strict xfail), so delete the entry with the fix.
-# (dtypes, case, kernel, the config, targets, Triton versions, what fails)
-_BF16, _FP16_FP32, _BOTH, _TRITONS = ("bfloat16",), ("float16", "float32"), ("sm_90", "sm_80"), ("3.9", "3.6")
-_KNOWN_COMPILE_FAILURES = [
-    (_BF16, "hd128", "_cog_bwd_dkdv_kernel", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, ('sm_80',), ('3.9',), "spills 8 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 272-440 B"),
-    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, _BOTH, _TRITONS, "spills 56-160 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, ('sm_80',), ('3.9',), "spills 16 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 32 B"),
-    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 16-32 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, _BOTH, ('3.9',), "spills 8-16 B"),
-    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, ('sm_80',), ('3.9',), "spills 8 B"),
-    (_BF16, "hd128", "_cog_bwd_dq_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, ('sm_90',), ('3.6',), "spills 40 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}, ('sm_90',), ('3.9',), "spills 16 B"),
-    (_BF16, "hd128", "_cog_fwd_kernel", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, ('sm_80',), _TRITONS, "spills 48-56 B"),
-    (_FP16_FP32, "hd128", "_cog_fwd_kernel", {}, _BOTH, _TRITONS, "spills 272-912 B"),
-    (("float16",), "hd128", "_cog_bwd_dkdv_kernel", {}, ('sm_80',), ('3.9',), "spills 8 B"),
-    (("float32",), "hd128", "_cog_bwd_dkdv_kernel", {}, ('sm_80',), ('3.9',), "spills 5928 B"),
-    (("float32",), "hd128", "_cog_bwd_dkdv_kernel", {}, ('sm_90',), ('3.6',), "spills 144 B"),
-    (_FP16_FP32, "hd128", "_cog_bwd_dq_kernel", {}, _BOTH, _TRITONS, "spills 56-696 B"),
-]
 
 # %% ../nbs/03_cog.ipynb #3a81b370
 def flex_cog_attention(q, k, v, causal: bool = True, scale: float | None = None):

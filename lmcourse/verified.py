@@ -75,7 +75,10 @@ def chapter_kernels(chapter: str) -> list[str]:
                     n.id for n in ast.walk(node.value) if isinstance(n, ast.Name))
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
                 launched.add(node.func.value.id)
-    launched |= {k for name in launched for k in aliases.get(name, ())}
+    frontier = set(launched)
+    while frontier:                      # follow aliases of aliases: name -> wrapper -> dict of kernels -> kernel
+        frontier = {k for name in frontier for k in aliases.get(name, ())} - launched
+        launched |= frontier
     return sorted(jitted & launched)
 
 # %% ../nbs/00i_verified.ipynb #aac46e94
