@@ -311,10 +311,12 @@ def routed_linear_reference(x, choice, weight, gain=None, row_weight=None, eps: 
     return y
 
 # %% ../nbs/06_mom.ipynb #m0000030
-def _routed_blocks(device) -> dict:
-    "The grouped kernels' blocks (AoE's: 64 × 128 × 64 on a GPU) with 8 warps there: at 4 the norm prologue spills."
+def _routed_blocks(device, dtype) -> dict:
+    """The grouped kernels' blocks (AoE's: 64 × 128 × 64 on a GPU) with 8 warps there, and 2 stages for fp32: with 4
+    warps the norm prologue spills, and fp32 tiles with 3 stages spill on sm_80 (the compile test measured both)."""
     blocks = _grouped_blocks(device)
-    return {**blocks, "num_warps": 8} if blocks["BLOCK_M"] == 64 else blocks
+    if blocks["BLOCK_M"] != 64: return blocks
+    return {**blocks, "num_warps": 8, "num_stages": 2 if dtype == torch.float32 else 3}
 
 def _check_routed_inputs(x, choice, weight, gain, row_weight):
     check_device(x, choice, weight, *(t for t in (gain, row_weight) if t is not None), what="routed_linear")
@@ -341,7 +343,7 @@ class RoutedLinearFunction(torch.autograd.Function):
         counts = torch.bincount(choice, minlength=M + 1)
         sort = sort_by_expert(choice.long()[:, None], counts)
         offsets = sort.offsets[:M + 1]                                     # groups 0..M−1; the SKIP rows come after
-        blocks = _routed_blocks(x.device)
+        blocks = _routed_blocks(x.device, x.dtype)
         sched = tile_schedule(offsets, N, blocks["BLOCK_M"])
         r = rms_scale(x, eps) if gain is not None else None
         c = None if r is None and row_weight is None else (r if r is not None else 1.0) * (
@@ -359,7 +361,7 @@ class RoutedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, choice, weight, gain, row_weight, r, c, tokens, offsets, *sched = ctx.saved_tensors
         (N, K), M = x.shape, weight.shape[0]
-        blocks = _routed_blocks(x.device)
+        blocks = _routed_blocks(x.device, x.dtype)
         dy = dy.contiguous().to(x.dtype)
         kept = (choice < M)[:, None]
         v = _grouped_matmul(dy, weight.transpose(1, 2), sched, offsets, K, blocks, rows=tokens, n_rows=N)
@@ -536,11 +538,13 @@ def _choices(tokens, pool_size, skip_rate, device, seed=0):
     choice = torch.randint(0, pool_size, (tokens,), device=device, generator=g)
     return torch.where(torch.rand(tokens, device=device, generator=g) < skip_rate, pool_size, choice)
 
-def mom_benchmark(shape: dict = BENCH, dtype=torch.bfloat16) -> dict:
-    "GPU only: rows of (what, provider, skip_rate, mode, ms, TFLOP/s counted on the tokens that are not skipped)."
+def mom_benchmark(shape: dict = BENCH, dtype=torch.bfloat16, device="cuda", timer=None) -> dict:
+    """Rows of (what, provider, skip_rate, mode, ms, TFLOP/s counted on the tokens that are not skipped): on a GPU
+    with `bench_ms`; `device="cpu"` with another `timer` only checks that every provider runs (the CPU test does)."""
     from lmcourse.bench import bench_ms, gpu_available
-    if not gpu_available(): raise RuntimeError("mom_benchmark needs a CUDA GPU")
-    dev, N, d, M = torch.device("cuda"), shape["tokens"], shape["d_model"], shape["pool_size"]
+    if timer is None and not gpu_available(): raise RuntimeError("mom_benchmark needs a CUDA GPU")
+    timer = timer or bench_ms
+    dev, N, d, M = torch.device(device), shape["tokens"], shape["d_model"], shape["pool_size"]
     rows = []
     for skip_rate in shape["skip_rates"]:
         choice = _choices(N, M, skip_rate, dev)
@@ -572,12 +576,12 @@ def mom_benchmark(shape: dict = BENCH, dtype=torch.bfloat16) -> dict:
                     def step(fn=fn, mode=mode):
                         out = fn()
                         if mode == "fwd+bwd": out.backward(torch.ones_like(out))
-                    t = bench_ms(step, grad_to_none=[x, w, gain, dense_w, xb, *chunk.parameters()])
+                    t = timer(step, grad_to_none=[x, w, gain, dense_w, xb, *chunk.parameters()])
                     f = flops[what] * (3 if mode == "fwd+bwd" else 1)
                     if provider.startswith("dense"): f = f / max(active, 1) * N
                     rows.append(dict(what=what, provider=provider, skip_rate=skip_rate, mode=mode, ms=t["median"],
                                      ms_p20=t["p20"], ms_p80=t["p80"], tflops=f / (t["median"] * 1e-3) / 1e12))
-        torch.cuda.empty_cache()
+        if dev.type == "cuda": torch.cuda.empty_cache()
     return {"shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "rows": rows}
 
 def _block_parts(cfg):

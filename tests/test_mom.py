@@ -260,3 +260,17 @@ def test_config_errors():
                     (dict(rounds=0), "pool_size and rounds"), (dict(temperature=0.0), "temperature")]:
         with pytest.raises(ValueError, match=msg):
             MoMConfig(**kw)
+
+
+def test_benchmark_runs_every_provider():
+    "The GPU benchmark's code path on CPU at a tiny shape with a one-shot timer (no timing claims): rows and summary."
+    from lmcourse.mom import benchmark_summary, mom_benchmark
+    calls = []
+    def once(fn, grad_to_none=()):
+        fn(); calls.append(1)
+        return {"median": 1.0, "p20": 1.0, "p80": 1.0}
+    result = mom_benchmark(dict(tokens=48, d_model=32, n_heads=2, pool_size=2, skip_rates=(0.0, 0.5)), torch.float32,
+                           device=DEV, timer=once)
+    assert len(result["rows"]) == len(calls) == 2 * 2 * 6                 # skip rates x modes x providers
+    summary = benchmark_summary(result)
+    assert {r["provider"] for r in summary} >= {"routed_linear (triton)", "MoM round (loop)", "dense Block"}
