@@ -312,11 +312,11 @@ def routed_linear_reference(x, choice, weight, gain=None, row_weight=None, eps: 
 
 # %% ../nbs/06_mom.ipynb #m0000030
 def _routed_blocks(device, dtype) -> dict:
-    """The grouped kernels' blocks (AoE's: 64 × 128 × 64 on a GPU) with 8 warps there, and 2 stages for fp32: with 4
-    warps the norm prologue spills, and fp32 tiles with 3 stages spill on sm_80 (the compile test measured both)."""
+    """The grouped kernels' blocks (AoE's: 64 × 128 × 64 on a GPU) with 8 warps there, and BLOCK_K = 32 for fp32: with
+    4 warps the norm prologue spills, and fp32 tiles of K = 64 spill on sm_80 (the compile test measured both)."""
     blocks = _grouped_blocks(device)
     if blocks["BLOCK_M"] != 64: return blocks
-    return {**blocks, "num_warps": 8, "num_stages": 2 if dtype == torch.float32 else 3}
+    return {**blocks, "num_warps": 8, **({"BLOCK_K": 32} if dtype == torch.float32 else {})}
 
 def _check_routed_inputs(x, choice, weight, gain, row_weight):
     check_device(x, choice, weight, *(t for t in (gain, row_weight) if t is not None), what="routed_linear")
@@ -452,7 +452,7 @@ def pointer_chasing_batch(batch_size: int, graph: torch.Tensor, max_hops: int = 
 
 # %% ../nbs/06_mom.ipynb #m0000042
 SMOKE = dict(d_model=64, n_heads=2, d_ffn=128, n_nodes=16, max_hops=3, n_queries=8, batch_size=32, vanilla_steps=80,
-             mom_steps=80, lr=3e-3, router_dim=64)
+             mom_steps=60, lr=3e-3, router_dim=64)
 
 def _task_batches(size: dict, graph: torch.Tensor):
     from lmcourse.data import Batch
@@ -480,7 +480,8 @@ def task_eval(model: Transformer, size: dict, seed: int = 12_345, batches: int =
     return dict(loss=loss / batches, accuracy=correct / total, accuracy_by_hops=(per_hop[1:, 0] / per_hop[1:, 1]).tolist())
 
 def two_phase_run(size: dict = SMOKE, seed: int = 0, mcfg: MoMConfig | None = None, device=None) -> dict:
-    "Phase 1: train a vanilla model; phase 2: `mom_from_vanilla` and train on. Held-out metrics and module shares."
+    """Phase 1: train a vanilla model; phase 2: `mom_from_vanilla` and train on — and, as the control, the vanilla model
+    trained for the same phase-2 steps. Held-out metrics of each, and the MoM's module shares."""
     from lmcourse.train import TrainConfig, train
     mcfg = mcfg or MoMConfig(n_bottom=1, pool_size=3, rounds=4, n_top=1, router_dim=size["router_dim"])
     n = size["n_nodes"]
@@ -498,13 +499,15 @@ def two_phase_run(size: dict = SMOKE, seed: int = 0, mcfg: MoMConfig | None = No
     mom = mom_from_vanilla(vanilla, mcfg)
     hist = train(mom, get_batch, TrainConfig(steps=size["mom_steps"], **common), device=device)
     after_mom = task_eval(mom, size)
+    train(vanilla, get_batch, TrainConfig(steps=size["mom_steps"], **common), device=device)   # the control: same steps
+    continued = task_eval(vanilla, size)
     mom.eval()
     with torch.no_grad():
         mom(pointer_chasing_batch(size["batch_size"], pointer_graph(n), size["max_hops"], size["n_queries"],
                                   torch.Generator().manual_seed(seed + 1))[0].to(next(mom.parameters()).device))
     chunk = mom_chunk(mom)
     share = lambda counts: (counts.sum(0).float() / counts.sum()).tolist()
-    return dict(seed=seed, start=start, vanilla=after_vanilla, mom=after_mom, mom_train_loss=hist.train_loss,
+    return dict(seed=seed, start=start, vanilla=after_vanilla, mom=after_mom, vanilla_continued=continued, mom_train_loss=hist.train_loss,
                 attn_share=share(chunk.attn_counts), ffn_share=share(chunk.ffn_counts),
                 skip_per_round=(chunk.attn_counts[:, -1].float() / chunk.attn_counts.sum(1)).tolist() if mcfg.skip else None)
 

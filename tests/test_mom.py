@@ -35,6 +35,7 @@ def _choices(N, M, seed, skip=True):
 SHAPES = [(37, 80, 72, 3), (130, 200, 150, 4), (9, 16, 16, 1), (64, 136, 40, 2)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("N,K,NOUT,M", SHAPES)
 @pytest.mark.parametrize("norm,weighted", [(True, False), (False, True), (True, True), (False, False)])
 def test_routed_linear_vs_float64(tiles, N, K, NOUT, M, norm, weighted):
@@ -49,6 +50,7 @@ def test_routed_linear_vs_float64(tiles, N, K, NOUT, M, norm, weighted):
                             lambda *ts: routed_linear_reference(split(ts)[0], choice, *split(ts)[1:]), tensors, seed=seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_routed_linear_dtypes_and_large_inputs(tiles, dtype):
     "fp16 (and bf16 on a GPU) against float64, with large-magnitude rows (the norm must stay exact), non-default eps."
@@ -61,6 +63,7 @@ def test_routed_linear_dtypes_and_large_inputs(tiles, dtype):
     assert_close(y, ref.to(dtype), tolerance(dtype, DEV), seed=seed)
 
 
+@pytest.mark.gpu
 def test_skip_rows_are_zero_and_outputs_poisoned(tiles):
     (x, w, g), seed = random_tensors([(50, 64), (2, 64, 40), (2, 64)], device=DEV)
     choice = _choices(50, 2, seed)
@@ -71,6 +74,7 @@ def test_skip_rows_are_zero_and_outputs_poisoned(tiles):
     assert (y[choice == 2] == 0).all() and (y[choice < 2].abs().sum(1) > 0).all()
 
 
+@pytest.mark.gpu
 def test_all_skip_and_one_module(tiles):
     (x, w), _ = random_tensors([(20, 32), (2, 32, 16)], device=DEV)
     assert (routed_linear(x, torch.full((20,), 2, device=DEV), w) == 0).all()
@@ -78,6 +82,7 @@ def test_all_skip_and_one_module(tiles):
     assert_close(y, (x.double() @ w[0].double()).float())
 
 
+@pytest.mark.gpu
 def test_transposed_weight_view(tiles):
     "Stacked nn.Linear weights [M, Nout, K] passed as a transposed view, as the chunk does."
     (x, w_nk, g), seed = random_tensors([(40, 48), (3, 56, 48), (3, 48)], device=DEV)
@@ -86,6 +91,7 @@ def test_transposed_weight_view(tiles):
                             lambda x, w, g: routed_linear_reference(x, choice, w.transpose(1, 2), g), [x, w_nk, g], seed=seed)
 
 
+@pytest.mark.gpu
 def test_teaching_kernel():
     (x, w, g, rw), seed = random_tensors([(45, 70), (3, 70, 40), (3, 70), (45,)], device=DEV)
     choice = _choices(45, 3, seed)
