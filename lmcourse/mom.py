@@ -8,8 +8,9 @@ Docs: https://lmcourse.github.io/lmcourse/mom.html.md"""
 __all__ = ['SMOKE', 'BENCH', 'FULL', 'MoMConfig', 'MLPRouter', 'GRURouter', 'make_router', 'StraightThroughSign', 'route',
            'balance_loss', 'MoMChunk', 'mom_from_vanilla', 'mom_model', 'mom_chunk', 'computation_depth',
            'routed_linear_simple', 'rms_scale', 'routed_linear_reference', 'RoutedLinearFunction', 'routed_linear',
-           'compile_cases', 'kernel_vs_loop', 'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run',
-           'removal_ablation', 'mom_benchmark', 'benchmark_summary', 'depth_experiment', 'engine_from_hf_llama',
+           'gru_router_reference', 'GRURouterFunction', 'gru_router_step', 'compile_cases', 'kernel_vs_loop',
+           'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run', 'removal_ablation', 'mom_benchmark',
+           'plot_benchmark', 'benchmark_summary', 'depth_experiment', 'engine_from_hf_llama',
            'exercise_rounds_beyond_pool', 'exercise_token_skip', 'exercise_ste_gradient']
 
 # %% ../nbs/06_mom.ipynb #m0000007
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from .aoe import _grouped_blocks, _grouped_matmul, _grouped_weight_grad, sort_by_expert, tile_schedule
 from .model import Block, HookPoint, ModelConfig, Transformer
-from .testing import CompileCase, check_device, check_dtype
+from .testing import CompileCase, alloc_output, check_device, check_dtype, use_gpu_tiles
 
 # %% ../nbs/06_mom.ipynb #m0000011
 @dataclass
@@ -63,7 +64,7 @@ class MLPRouter(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_model, router_dim), nn.ReLU(), nn.Linear(router_dim, n_choices))
 
-    def forward(self, x, state=None): return self.net(x), None
+    def forward(self, x, state=None, fused: bool = False): return self.net(x), None
 
 class GRURouter(nn.Module):
     "g = GRUCell(x, g_prev), s = W g: x [N, d], state [N, r] or None -> (scores [N, n], new state [N, r])."
@@ -72,7 +73,10 @@ class GRURouter(nn.Module):
         self.cell = nn.GRUCell(d_model, router_dim)
         self.head = nn.Linear(router_dim, n_choices)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, fused: bool = False):
+        "`fused`: the whole step in one Triton kernel (`gru_router_step`) instead of PyTorch's GRUCell and Linear."
+        if fused:
+            return gru_router_step(x, state, self.cell, self.head)
         state = self.cell(x, state)
         return self.head(state), state
 
@@ -137,7 +141,7 @@ class MoMChunk(nn.Module):
             if choice.shape != (len(x2),) or choice.min() < 0 or choice.max() > self.skip_id:
                 raise ValueError(f"a forced route must be an int or a [B, T] tensor of module ids in [0, {self.skip_id}]")
             return choice, torch.ones(len(x2), device=x2.device), None, state
-        scores, state = router(x2, state)
+        scores, state = router(x2, state, fused=self._path(x2) == "triton")
         if removed:
             scores = scores.masked_fill(torch.isin(torch.arange(scores.shape[-1], device=x2.device),
                                                    torch.tensor(removed, device=x2.device)), float("-inf"))
@@ -394,6 +398,119 @@ def routed_linear(x: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor, g
     view of stacked nn.Linear weights is fine), gain [M, K] or None (no norm), row_weight [N] or None -> [N, Nout]."""
     return RoutedLinearFunction.apply(x, choice, weight, gain, row_weight, eps)
 
+# %% ../nbs/06_mom.ipynb #m0000068
+@triton.jit
+def _gru_router_fwd_kernel(
+    x_ptr,       # [N, d] token states
+    g_ptr,       # [N, R] previous router state
+    wih_ptr,     # [3R, d] GRUCell.weight_ih (rows: reset, update, new)
+    bih_ptr,     # [3R]
+    whh_ptr,     # [3R, R] GRUCell.weight_hh
+    bhh_ptr,     # [3R]
+    wo_ptr,      # [C, R] score head weight
+    bo_ptr,      # [C]
+    g_out_ptr,   # out [N, R] new state
+    s_ptr,       # out [N, C] scores
+    N, D_MODEL, R, C,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_m = o_m < N
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i_r in range(0, R, BLOCK_R):
+        o_r = i_r + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_ar = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)    # x W_ih^T, reset rows
+        b_az = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)    # update rows
+        b_an = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)    # new rows
+        for i_k in range(0, D_MODEL, BLOCK_K):
+            o_k = i_k + tl.arange(0, BLOCK_K)
+            m_k = o_k < D_MODEL
+            b_x = tl.load(x_ptr + o_m[:, None] * D_MODEL + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+            p_w = wih_ptr + o_r[None, :] * D_MODEL + o_k[:, None]                      # W_ih^T tile [K, R]
+            m_w = m_k[:, None] & m_r[None, :]
+            b_ar += tl.dot(b_x, tl.load(p_w, mask=m_w, other=0.0))
+            b_az += tl.dot(b_x, tl.load(p_w + R * D_MODEL, mask=m_w, other=0.0))
+            b_an += tl.dot(b_x, tl.load(p_w + 2 * R * D_MODEL, mask=m_w, other=0.0))
+        b_hr = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)    # g W_hh^T
+        b_hz = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        b_hn = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i_k in range(0, R, BLOCK_K):
+            o_k = i_k + tl.arange(0, BLOCK_K)
+            m_k = o_k < R
+            b_g = tl.load(g_ptr + o_m[:, None] * R + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+            p_w = whh_ptr + o_r[None, :] * R + o_k[:, None]
+            m_w = m_k[:, None] & m_r[None, :]
+            b_hr += tl.dot(b_g, tl.load(p_w, mask=m_w, other=0.0))
+            b_hz += tl.dot(b_g, tl.load(p_w + R * R, mask=m_w, other=0.0))
+            b_hn += tl.dot(b_g, tl.load(p_w + 2 * R * R, mask=m_w, other=0.0))
+        b_ar += (tl.load(bih_ptr + o_r, mask=m_r, other=0.0) + tl.load(bhh_ptr + o_r, mask=m_r, other=0.0)).to(tl.float32)[None, :]
+        b_az += (tl.load(bih_ptr + R + o_r, mask=m_r, other=0.0) + tl.load(bhh_ptr + R + o_r, mask=m_r, other=0.0)).to(tl.float32)[None, :]
+        b_an += tl.load(bih_ptr + 2 * R + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+        b_hn += tl.load(bhh_ptr + 2 * R + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+        b_rho = tl.sigmoid(b_ar + b_hr)
+        b_z = tl.sigmoid(b_az + b_hz)
+        b_n = 2 * tl.sigmoid(2 * (b_an + b_rho * b_hn)) - 1                     # tanh(a) = 2σ(2a) − 1
+        m_mr = m_m[:, None] & m_r[None, :]
+        b_g_old = tl.load(g_ptr + o_m[:, None] * R + o_r[None, :], mask=m_mr, other=0.0).to(tl.float32)
+        b_g_new = (1 - b_z) * b_n + b_z * b_g_old
+        b_g_new = tl.where(m_mr, b_g_new, 0.0).to(g_out_ptr.dtype.element_ty)
+        tl.store(g_out_ptr + o_m[:, None] * R + o_r[None, :], b_g_new, mask=m_mr)
+        b_wo = tl.load(wo_ptr + o_c[None, :] * R + o_r[:, None], mask=m_r[:, None] & m_c[None, :], other=0.0)   # [R, C]
+        b_s += tl.dot(b_g_new, b_wo)
+    b_s += tl.load(bo_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(s_ptr + o_m[:, None] * C + o_c[None, :], b_s.to(s_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
+
+# %% ../nbs/06_mom.ipynb #m0000069
+def gru_router_reference(x, state, w_ih, b_ih, w_hh, b_hh, w_head, b_head):
+    "One GRU router step in PyTorch (GRUCell's math): x [N, d], state [N, R] -> (scores [N, C], new state [N, R])."
+    a_r, a_z, a_n = (x @ w_ih.t() + b_ih).chunk(3, -1)
+    h_r, h_z, h_n = (state @ w_hh.t() + b_hh).chunk(3, -1)
+    rho, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
+    new = (1 - z) * torch.tanh(a_n + rho * h_n) + z * state
+    return new @ w_head.t() + b_head, new
+
+class GRURouterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, state, w_ih, b_ih, w_hh, b_hh, w_head, b_head):
+        check_device(x, state, w_ih, w_hh, w_head, what="gru_router_step")
+        check_dtype(x, what="gru_router_step")
+        (N, d), R, C = x.shape, w_hh.shape[1], w_head.shape[0]
+        if w_ih.shape != (3 * R, d) or w_hh.shape != (3 * R, R) or w_head.shape != (C, R) or state.shape != (N, R):
+            raise ValueError(f"shapes must be x [N, d], state [N, R], w_ih [3R, d], w_hh [3R, R], w_head [C, R]; got "
+                             f"{tuple(x.shape)}, {tuple(state.shape)}, {tuple(w_ih.shape)}, {tuple(w_hh.shape)}, {tuple(w_head.shape)}")
+        if C > 64: raise ValueError(f"the score tile holds at most 64 classes; got {C}")
+        if len({t.dtype for t in (x, state, w_ih, b_ih, w_hh, b_hh, w_head, b_head)}) != 1:
+            raise ValueError("x, state and the router's parameters must share one dtype")
+        ins = [t.contiguous() for t in (x, state, w_ih, b_ih, w_hh, b_hh, w_head, b_head)]
+        new, scores = alloc_output((N, R), x.dtype, x.device), alloc_output((N, C), x.dtype, x.device)
+        gpu = use_gpu_tiles(x.device)
+        # GPU: 64 rows (wgmma on sm_90 needs 64 per warp group), six [64, 32] accumulators over 8 warps: spill-free on
+        # sm_90 and sm_80 (the compile test; R = 64 or K = 64 spilled on sm_80, 32 rows ran on mma.sync)
+        blocks = dict(BLOCK_M=64 if gpu else 16, BLOCK_R=32, BLOCK_K=32, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                      **({"num_warps": 8} if gpu else {}))
+        _gru_router_fwd_kernel[(triton.cdiv(N, blocks["BLOCK_M"]),)](*ins, new, scores, N, d, R, C, **blocks)
+        ctx.save_for_backward(*ins)
+        return scores, new
+
+    @staticmethod
+    def backward(ctx, d_scores, d_new):
+        ins = [t.detach().requires_grad_() for t in ctx.saved_tensors]     # recompute in PyTorch
+        with torch.enable_grad():
+            scores, new = gru_router_reference(*ins)
+            grads = torch.autograd.grad([scores, new], ins, [d_scores, d_new], allow_unused=True)
+        return tuple(grads)
+
+def gru_router_step(x: torch.Tensor, state: torch.Tensor | None, cell: nn.GRUCell, head: nn.Linear):
+    """One fused GRU router step (Triton forward, PyTorch-recompute backward): x [N, d], state [N, R] or None (zeros)
+    -> (scores [N, C], new state [N, R]), the values of `head(cell(x, state))`. Parameters are cast to x's dtype."""
+    state = torch.zeros(len(x), cell.hidden_size, dtype=x.dtype, device=x.device) if state is None else state.to(x.dtype)
+    params = [t.to(x.dtype) for t in (cell.weight_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, head.weight, head.bias)]
+    return GRURouterFunction.apply(x, state, *params)
+
 # %% ../nbs/06_mom.ipynb #m0000063
 def compile_cases() -> list[CompileCase]:
     "Representative GPU launches: routed_linear forward + backward with the norm (QKV) and with the weight (O), every dtype; the teaching kernel."
@@ -411,8 +528,15 @@ def compile_cases() -> list[CompileCase]:
         N, M, d = 64, 4, 1024
         routed_linear_simple(torch.empty(N, d), torch.arange(N) % (M + 1), torch.empty(M, d, d), torch.empty(M, d), torch.empty(N))
 
+    def gru(dtype):                                              # router width 256, M + 1 = 5 classes, as released
+        N, d, R, C = 64, 1024, 256, 5
+        e = lambda *shape: torch.empty(*shape, dtype=dtype)
+        GRURouterFunction.apply(e(N, d), e(N, R), e(3 * R, d), e(3 * R), e(3 * R, R), e(3 * R), e(C, R), e(C))
+
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
     cases = [CompileCase(f"{'qkv + norm' if norm else 'o_proj + weight'} d1024", dtype, lambda dtype=dtype, norm=norm: routed(dtype, norm))
-             for dtype in (torch.bfloat16, torch.float16, torch.float32) for norm in (True, False)]
+             for dtype in dtypes for norm in (True, False)]
+    cases += [CompileCase("gru router d1024 r256", dtype, lambda dtype=dtype: gru(dtype)) for dtype in dtypes]
     return cases + [CompileCase("teaching kernel d1024", torch.float32, simple)]
 
 # %% ../nbs/06_mom.ipynb #m0000036
@@ -572,34 +696,69 @@ def mom_benchmark(shape: dict = BENCH, dtype=torch.bfloat16, device="cuda", time
         block = chunk.pool[0]
         rounds = {"MoM round (triton)": mom_round("triton"), "MoM round (loop)": mom_round("torch"),
                   "dense Block": lambda: block(xb, positions)}
-        flops = {"linear": 2 * active * d * 3 * d, "round": 24 * active * d * d + 4 * N * N * d / 2}
-        for what, providers in (("linear", linear), ("round", rounds)):
+        gru = GRURouter(d, M + 1, 256).to(dev, dtype)
+        state = torch.randn(N, 256, device=dev, dtype=dtype)
+        routers = {"GRU router step (triton)": lambda: gru(x, state, fused=True)[0],
+                   "GRU router eager (GRUCell + Linear)": lambda: gru(x, state)[0]}
+        flops = {"linear": 2 * active * d * 3 * d, "round": 24 * active * d * d + 4 * N * N * d / 2,
+                 "router": 2 * N * (3 * 256 * (d + 256) + 256 * (M + 1))}
+        item = torch.finfo(dtype).bits // 8                              # bytes once each: inputs, pool weights, outputs
+        io = {"linear": item * (N * d + M * 3 * d * d + N * 3 * d), "round": item * (2 * N * d + M * 12 * d * d + 6 * N * d),
+              "router": item * (N * d + 2 * N * 256 + 3 * 256 * (d + 256))}
+        for what, providers in (("linear", linear), ("round", rounds), ("router", routers)):
             for provider, fn in providers.items():
                 for mode in ("fwd", "fwd+bwd"):
                     def step(fn=fn, mode=mode):
                         out = fn()
                         if mode == "fwd+bwd": out.backward(torch.ones_like(out))
-                    t = timer(step, grad_to_none=[x, w, gain, dense_w, xb, *chunk.parameters()])
+                    t = timer(step, grad_to_none=[x, w, gain, dense_w, xb, *chunk.parameters(), *gru.parameters()])
                     f = flops[what] * (3 if mode == "fwd+bwd" else 1)
                     if provider.startswith("dense"): f = f / max(active, 1) * N
                     rows.append(dict(what=what, provider=provider, skip_rate=skip_rate, mode=mode, ms=t["median"],
-                                     ms_p20=t["p20"], ms_p80=t["p80"], tflops=f / (t["median"] * 1e-3) / 1e12))
+                                     ms_p20=t["p20"], ms_p80=t["p80"], tflops=f / (t["median"] * 1e-3) / 1e12,
+                                     roofline_ms=_roofline(flops[what] * (3 if mode == "fwd+bwd" else 1),
+                                                           io[what] * (3 if mode == "fwd+bwd" else 1), dev)))
         if dev.type == "cuda": torch.cuda.empty_cache()
     return {"shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "rows": rows}
+
+def _roofline(flops, bytes_moved, device):
+    "The routed work's floor on this GPU (measured ceilings), None off a GPU or on a GPU the course has no spec for."
+    from lmcourse.bench import roofline_ms
+    if device.type != "cuda": return None
+    try: return roofline_ms(flops, bytes_moved)
+    except KeyError: return None
+
+def plot_benchmark(result: dict, mode: str = "fwd+bwd"):
+    "Time per provider against the SKIP rate: routed linear, MoM round and GRU router step side by side, with the roofline."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
+    for ax, what in zip(axes, ("linear", "round", "router")):
+        rows = [r for r in result["rows"] if r["what"] == what and r["mode"] == mode]
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = [(r["skip_rate"], r["ms"]) for r in rows if r["provider"] == provider]
+            ax.plot(*zip(*pts), "o-", label=provider)
+        floor = [(r["skip_rate"], r["roofline_ms"]) for r in rows if "triton" in r["provider"] and r.get("roofline_ms")]
+        if floor: ax.plot(*zip(*floor), "k--", lw=0.8, label="roofline (routed work)")
+        ax.set_xlabel("SKIP rate"); ax.set_ylabel("ms (median)"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        ax.set_title(f"{what}, {mode}, d = {result['shape']['d_model']}, {result['shape']['tokens']} tokens", fontsize=9)
+    env = result.get("env", {})
+    fig.suptitle(f"{env.get('device', '?')} {env.get('date', '')[:10]}", fontsize=9)
+    return fig
 
 def _block_parts(cfg):
     from lmcourse.model import Attention, SwiGLU
     return Attention(cfg), SwiGLU(cfg.d_model, cfg.d_ffn)
 
 def benchmark_summary(result: dict) -> list[dict]:
-    "Per (what, skip rate, mode): each provider's time, speed-up over the loop, and fraction of the dense provider's time."
+    "Per (what, skip rate, mode): each provider's time, speed-up over the loop (or eager), and dense time / its time."
     out = []
     for r in result["rows"]:
         same = [q for q in result["rows"] if (q["what"], q["skip_rate"], q["mode"]) == (r["what"], r["skip_rate"], r["mode"])]
-        loop = next(q for q in same if "loop" in q["provider"])
-        dense = next(q for q in same if q["provider"].startswith("dense"))
+        loop = next(q for q in same if "loop" in q["provider"] or "eager" in q["provider"])
+        dense = next((q for q in same if q["provider"].startswith("dense")), None)
         out.append(dict(what=r["what"], skip_rate=r["skip_rate"], mode=r["mode"], provider=r["provider"], ms=round(r["ms"], 3),
-                        vs_loop=round(loop["ms"] / r["ms"], 2), dense_ms_over_ms=round(dense["ms"] / r["ms"], 2)))
+                        vs_loop=round(loop["ms"] / r["ms"], 2),
+                        dense_ms_over_ms=round(dense["ms"] / r["ms"], 2) if dense else None))
     return out
 
 # %% ../nbs/06_mom.ipynb #m0000052
@@ -630,7 +789,9 @@ def depth_experiment(size: dict = FULL, seed: int = 0, device=None) -> dict:
     result = {name: dict(params=m.num_params(), **task_eval(m, size, batches=16)) for name, m in arms.items()}
     result["MoM from vanilla-8"].update(skip_per_round=(chunk.attn_counts[:, -1].float() / chunk.attn_counts.sum(1)).tolist(),
                                         removal=removal_ablation(mom, size, drop=2), tokens_per_s=hist.tokens_per_s)
-    return dict(seed=seed, size=size, arms=result)
+    return dict(seed=seed, size=size, arms=result, phase1_tokens=size["vanilla_steps"] * size["batch_size"] * T,
+                phase2_tokens=size["mom_steps"] * size["batch_size"] * T,
+                note="fresh queries every batch (no epochs: the task is generated); vanilla-12 trains phase 1 + phase 2 tokens")
 
 # %% ../nbs/06_mom.ipynb #m0000055
 def engine_from_hf_llama(hf) -> Transformer:

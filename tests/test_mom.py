@@ -277,6 +277,62 @@ def test_benchmark_runs_every_provider():
         return {"median": 1.0, "p20": 1.0, "p80": 1.0}
     result = mom_benchmark(dict(tokens=48, d_model=32, n_heads=2, pool_size=2, skip_rates=(0.0, 0.5)), torch.float32,
                            device=DEV, timer=once)
-    assert len(result["rows"]) == len(calls) == 2 * 2 * 6                 # skip rates x modes x providers
+    assert len(result["rows"]) == len(calls) == 2 * 2 * 8                 # skip rates x modes x providers
     summary = benchmark_summary(result)
     assert {r["provider"] for r in summary} >= {"routed_linear (triton)", "MoM round (loop)", "dense Block"}
+
+
+def test_benchmark_plot():
+    import matplotlib
+    matplotlib.use("Agg")
+    from lmcourse.mom import plot_benchmark
+    rows = [dict(what=w, provider=p, skip_rate=s, mode="fwd+bwd", ms=1.0 + s, roofline_ms=None)
+            for w in ("linear", "round", "router") for p in ("a (triton)", "loop", "dense") for s in (0.0, 0.5)]
+    fig = plot_benchmark({"shape": {"d_model": 8, "tokens": 16}, "rows": rows})
+    assert len(fig.axes) == 3 and all(len(ax.lines) == 3 for ax in fig.axes)
+
+
+def _gru_params(d, R, C, dtype=torch.float32):
+    from lmcourse.mom import GRURouter
+    router = GRURouter(d, C, R).to(DEV, dtype)
+    return router, [router.cell.weight_ih, router.cell.bias_ih, router.cell.weight_hh, router.cell.bias_hh,
+                    router.head.weight, router.head.bias]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,d,R,C", [(45, 80, 72, 4), (70, 136, 130, 9), (5, 16, 16, 2)])
+def test_gru_router_step_vs_float64(tiles, N, d, R, C):
+    "d and R span several blocks (32 on CPU, 64 in the GPU tiles); states of size ~3 so the gates saturate somewhere."
+    from lmcourse.mom import GRURouterFunction, gru_router_reference
+    (x, g), seed = random_tensors([(N, d), (N, R)], device=DEV, scale=3.0)
+    _, params = _gru_params(d, R, C)
+    params = [p.detach() * 4 for p in params]                          # larger than the default init: gates saturate
+    check_against_reference(lambda x, g, *p: GRURouterFunction.apply(x, g, *p), gru_router_reference, [x, g, *params], seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_gru_router_module_fused_matches_unfused(dtype):
+    from lmcourse.mom import gru_router_reference
+    (x,), seed = random_tensors([(33, 48)], device=DEV, dtype=dtype)
+    router, params = _gru_params(48, 40, 5, dtype)
+    s1, g1 = router(x, None, fused=True)
+    s2, g2 = router(x, g1, fused=True)                                 # the state carried to the next round
+    zeros = torch.zeros(33, 40, dtype=torch.float64, device=DEV)
+    r1, h1 = gru_router_reference(x.double(), zeros, *[p.double() for p in params])
+    r2, _ = gru_router_reference(x.double(), h1, *[p.double() for p in params])
+    for a, b, name in ((s1, r1, "scores 1"), (g1, h1, "state 1"), (s2, r2, "scores 2")):
+        assert_close(a, b.to(dtype), tolerance(dtype, DEV), name=name, seed=seed)
+
+
+def test_gru_router_bad_inputs():
+    from lmcourse.mom import GRURouterFunction
+    _, params = _gru_params(32, 16, 3)
+    x, g = torch.zeros(4, 32, device=DEV), torch.zeros(4, 16, device=DEV)
+    with pytest.raises(ValueError, match="shapes must be"):
+        GRURouterFunction.apply(x[:, :8], g, *params)
+    with pytest.raises(ValueError, match="share one dtype"):
+        GRURouterFunction.apply(x.half(), g.half(), *params)
+    _, wide = _gru_params(32, 16, 65)
+    with pytest.raises(ValueError, match="at most 64 classes"):
+        GRURouterFunction.apply(x, g, *wide)
