@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .aoe import _grouped_blocks, _grouped_matmul, _grouped_weight_grad, sort_by_expert, tile_schedule
+from .aoe import _compute_dtype, _grouped_blocks, _grouped_matmul, _grouped_weight_grad, sort_by_expert, tile_schedule
 from .model import Block, HookPoint, ModelConfig, Transformer
 from .testing import CompileCase, alloc_output, check_device, check_dtype, use_gpu_tiles
 
@@ -166,15 +166,16 @@ class MoMChunk(nn.Module):
                 out = torch.where(choice.view(B, T, 1) == j, blk.attn.output(z), out)
             return out * weight.view(B, T, 1).to(x.dtype)
         H, Hkv, D = lead.n_heads, lead.n_kv_heads, lead.head_dim
-        w_qkv = _stacked([(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj) for b in self.pool], x.dtype)
-        gain = torch.stack([b.attn_norm.weight for b in self.pool]).to(x.dtype)
-        qkv = routed_linear(x.reshape(B * T, d), choice, w_qkv, gain, eps=self.pool[0].attn_norm.eps)
+        cd = _compute_dtype(x)                            # bf16 under autocast: the kernels run in the autocast dtype
+        w_qkv = _stacked([(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj) for b in self.pool], cd)
+        gain = torch.stack([b.attn_norm.weight for b in self.pool]).to(cd)
+        qkv = routed_linear(x.reshape(B * T, d).to(cd), choice, w_qkv, gain, eps=self.pool[0].attn_norm.eps)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         q, k = lead.positional(q, k, positions)
         z = lead.attend(q, k, v, segment_ids=segment_ids, block_mask=block_mask).transpose(1, 2).reshape(B * T, H * D)
-        w_o = _stacked([(b.attn.o_proj,) for b in self.pool], x.dtype)
-        return routed_linear(z, choice, w_o, row_weight=weight).view(B, T, d)
+        w_o = _stacked([(b.attn.o_proj,) for b in self.pool], cd)
+        return routed_linear(z.to(cd), choice, w_o, row_weight=weight).view(B, T, d)
 
     def ffn_step(self, x, choice, weight) -> torch.Tensor:
         "The routed SwiGLU update (without the residual): x [B, T, d], choice/weight [N] -> [B, T, d]."
@@ -184,11 +185,11 @@ class MoMChunk(nn.Module):
             for j, blk in enumerate(self.pool):
                 out = torch.where(choice.view(B, T, 1) == j, blk.ffn(blk.ffn_norm(x)), out)
             return out * weight.view(B, T, 1).to(x.dtype)
-        F_ = self.pool[0].ffn.gate.out_features
-        w_gu = _stacked([(b.ffn.gate, b.ffn.up) for b in self.pool], x.dtype)
-        gain = torch.stack([b.ffn_norm.weight for b in self.pool]).to(x.dtype)
-        a, b = routed_linear(x.reshape(B * T, d), choice, w_gu, gain, eps=self.pool[0].ffn_norm.eps).split([F_, F_], -1)
-        w_down = _stacked([(b.ffn.down,) for b in self.pool], x.dtype)
+        F_, cd = self.pool[0].ffn.gate.out_features, _compute_dtype(x)
+        w_gu = _stacked([(b.ffn.gate, b.ffn.up) for b in self.pool], cd)
+        gain = torch.stack([b.ffn_norm.weight for b in self.pool]).to(cd)
+        a, b = routed_linear(x.reshape(B * T, d).to(cd), choice, w_gu, gain, eps=self.pool[0].ffn_norm.eps).split([F_, F_], -1)
+        w_down = _stacked([(b.ffn.down,) for b in self.pool], cd)
         return routed_linear(F.silu(a) * b, choice, w_down, row_weight=weight).view(B, T, d)
 
     def forward(self, x, positions, *, segment_ids=None, cache=None, layer: int = 0, block_mask=None):
@@ -774,7 +775,8 @@ def depth_experiment(size: dict = FULL, seed: int = 0, device=None) -> dict:
                       n_heads=size["n_heads"], d_ffn=size["d_ffn"], max_seq_len=T)
     get_batch = _task_batches(size, pointer_graph(n))
     tc = lambda steps: TrainConfig(steps=steps, batch_size=size["batch_size"], seq_len=T, lr=size["lr"],
-                                   warmup_steps=50, eval_every=10 ** 9, eval_batches=1, progress=False, seed=seed)
+                                   warmup_steps=min(50, steps // 2), eval_every=10 ** 9, eval_batches=1, progress=False,
+                                   seed=seed)
     torch.manual_seed(seed)
     vanilla = Transformer(cfg)
     train(vanilla, get_batch, tc(size["vanilla_steps"]), device=device)

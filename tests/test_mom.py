@@ -336,3 +336,18 @@ def test_gru_router_bad_inputs():
     _, wide = _gru_params(32, 16, 65)
     with pytest.raises(ValueError, match="at most 64 classes"):
         GRURouterFunction.apply(x, g, *wide)
+
+
+def test_full_run_code_path_on_a_tiny_size():
+    "depth_experiment end to end at a CPU size (3 steps per phase): every arm, the SKIP log and the removal ablation."
+    from lmcourse.mom import depth_experiment
+    size = dict(d_model=16, n_heads=2, d_ffn=32, n_nodes=6, max_hops=3, n_queries=2, batch_size=4, vanilla_steps=3,
+                mom_steps=3, lr=1e-3, router_dim=8)
+    r = depth_experiment(size, seed=0, device="cpu")
+    arms = r["arms"]
+    assert set(arms) == {"vanilla-8 continued", "MoM from vanilla-8", "vanilla-12"}
+    assert arms["MoM from vanilla-8"]["params"] > arms["vanilla-8 continued"]["params"]        # + the routers
+    assert arms["vanilla-12"]["params"] > arms["MoM from vanilla-8"]["params"]
+    assert len(arms["MoM from vanilla-8"]["skip_per_round"]) == 8
+    assert set(arms["MoM from vanilla-8"]["removal"]) == {"all", "no attention", "no FFN"}
+    assert r["phase2_tokens"] == 3 * 4 * 6
