@@ -6,12 +6,12 @@ Docs: https://lmcourse.github.io/lmcourse/cog.html.md"""
 
 # %% auto #0
 __all__ = ['LOG2E', 'MIN_HEAD_DIM', 'MAX_HEAD_DIM', 'CPU_BLOCKS', 'DELTA_BLOCK_M', 'cog_attn', 'IOI_NAMES', 'IOI_TEMPLATES',
-           'IOI_PLACES', 'IOI_THINGS', 'signexp', 'cog_attention_weights', 'cog_attention_ref', 'CogAttentionFunction',
-           'cog_attention', 'compile_cases', 'flex_cog_attention', 'benchmark_cog', 'make_attention_fn',
-           'cogformer_attention', 'difference_task', 'OneHeadAttention', 'mse_loss', 'train_difference_task',
-           'ioi_prompts', 'counting_docs', 'lm_corpus', 'CogLMConfig', 'cog_lm_config', 'train_cog_lm', 'cog_layers',
-           'negative_weight_fraction', 'ioi_accuracy', 'oversquashing_probe', 'cog_lm_comparison',
-           'cog_hf_attention_fn', 'register_cog_attention']
+           'IOI_PLACES', 'IOI_THINGS', 'signexp', 'cog_attention_weights', 'cog_attention_ref', 'cog_attention_simple',
+           'CogAttentionFunction', 'cog_attention', 'compile_cases', 'flex_cog_attention', 'benchmark_cog',
+           'make_attention_fn', 'cogformer_attention', 'difference_task', 'OneHeadAttention', 'mse_loss',
+           'train_difference_task', 'ioi_prompts', 'counting_docs', 'lm_corpus', 'CogLMConfig', 'cog_lm_config',
+           'train_cog_lm', 'cog_layers', 'negative_weight_fraction', 'ioi_accuracy', 'oversquashing_probe',
+           'cog_lm_comparison', 'padding_segment_ids', 'cog_hf_attention_fn', 'register_cog_attention']
 
 # %% ../nbs/03_cog.ipynb #240b347b
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .model import AttentionFn, ModelConfig, Transformer, check_qkv, attention_mask, sdpa_attention
-from .testing import (CompileCase, KnownFailure, alloc_output, autotuned, check_dtype, tile_kwargs,
+from .testing import (CompileCase, KnownFailure, alloc_output, autotuned, check_device, check_dtype, tile_kwargs,
                                triton_interpreted)
 
 # %% ../nbs/03_cog.ipynb #d509766b
@@ -67,6 +67,49 @@ def cog_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     check_qkv(q, k, v)
     w = cog_attention_weights(q, k, causal=causal, segment_ids=segment_ids, scale=scale, signed=signed)
     return w @ v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+
+# %% ../nbs/03_cog.ipynb #c0c1sk02
+@triton.jit
+def _cog_fwd_simple_kernel(q, k, v, o, T, qk_scale, D: tl.constexpr, BLOCK: tl.constexpr):
+    "Causal Cog forward for contiguous q, k, v, o [B·H, T, D]: program (i, bh) writes queries i·BLOCK… of head bh."
+    i, bh = tl.program_id(0), tl.program_id(1)
+    base = bh.to(tl.int64) * T * D
+    o_q, o_d = i * BLOCK + tl.arange(0, BLOCK), tl.arange(0, D)
+    b_q = tl.load(q + base + o_q[:, None] * D + o_d[None, :], mask=o_q[:, None] < T, other=0.0)
+    b_m = tl.full([BLOCK], float("-inf"), tl.float32)            # running max of |p| · qk_scale
+    b_l = tl.zeros([BLOCK], tl.float32)                           # running Σ 2^(a - m)
+    b_acc = tl.zeros([BLOCK, D], tl.float32)                      # running Σ sign(p) 2^(a - m) v
+    for j in range(0, (i + 1) * BLOCK, BLOCK):                    # key blocks up to the diagonal
+        o_k = j + tl.arange(0, BLOCK)
+        b_k = tl.load(k + base + o_k[:, None] * D + o_d[None, :], mask=o_k[:, None] < T, other=0.0)
+        b_v = tl.load(v + base + o_k[:, None] * D + o_d[None, :], mask=o_k[:, None] < T, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k))                          # p = q·k, [BLOCK, BLOCK]
+        visible = (o_k[None, :] <= o_q[:, None]) & (o_k[None, :] < T)
+        b_a = tl.where(visible, tl.abs(b_s) * qk_scale, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_a, 1))
+        b_e = tl.exp2(b_a - m_new[:, None])                       # 0 where not visible
+        alpha = tl.exp2(b_m - m_new)
+        b_l = b_l * alpha + tl.sum(b_e, 1)
+        b_p = tl.where(b_s >= 0, b_e, -b_e)                       # sign(p) · 2^(a - m)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = m_new
+    tl.store(o + base + o_q[:, None] * D + o_d[None, :], (b_acc / b_l[:, None]).to(o.dtype.element_ty),
+             mask=o_q[:, None] < T)
+
+LOG2E = 1.4426950408889634   # the kernels use exp2: e^x = 2^(x · log2 e), with log2 e folded into the scale
+
+def cog_attention_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 64) -> torch.Tensor:
+    "Causal Cog attention, forward only, through `_cog_fwd_simple_kernel`. q, k, v [B, H, T, D], D in 16…128, a power of two."
+    B, H, T, D = q.shape
+    if not (k.shape == v.shape == q.shape): raise ValueError(f"q, k, v must share [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if D not in (16, 32, 64, 128): raise ValueError(f"head_dim={D}: the simple kernel takes 16, 32, 64 or 128")
+    if block not in (16, 32, 64, 128): raise ValueError(f"block={block} must be 16, 32, 64 or 128 (tl.dot needs ≥ 16)")
+    check_device(q, k, v, what="cog_attention_simple")
+    check_dtype(q, what="cog_attention_simple")
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    o = alloc_output(q.shape, q.dtype, q.device)
+    _cog_fwd_simple_kernel[(triton.cdiv(T, block), B * H)](q, k, v, o, T, D ** -0.5 * LOG2E, D=D, BLOCK=block)
+    return o
 
 # %% ../nbs/03_cog.ipynb #32247008
 @triton.jit
@@ -339,7 +382,6 @@ def _cog_bwd_dq_kernel(q, k, v, do, lse, delta, dq, seg,
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
 
 # %% ../nbs/03_cog.ipynb #7cf95e8a
-LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 CPU_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 DELTA_BLOCK_M = 64          # rows per program of the D = rowsum(dO ∘ O) kernel: memory-bound, one fixed size
@@ -488,7 +530,10 @@ def compile_cases() -> list[CompileCase]:
             for D in (64, 128)]
     other = [CompileCase("hd128", dtype, lambda dtype=dtype: launch(128, dtype), known("hd128", dtype), configs=(0,))
              for dtype in (torch.float16, torch.float32)]
-    return bf16 + other
+    simple = [CompileCase(f"simple hd{D}", torch.bfloat16,
+                          lambda D=D: cog_attention_simple(*(torch.empty(1, 16, 256, D, dtype=torch.bfloat16) for _ in range(3))))
+              for D in (64, 128)]
+    return bf16 + other + simple
 
 # What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80) at the autotune configs above: the launches
 # that spill or put bf16 dots on mma.sync today. Issue 11 retunes or prunes the configs; a fix that leaves its entry
@@ -811,6 +856,25 @@ def _check_hf_arguments(dropout: float, kwargs: dict):
             raise NotImplementedError(f"Cog attention does not implement {what}: got {name}={kwargs[name]!r}; "
                                       "pad the batch instead of packing it, or use a model without this feature")
 
+def padding_segment_ids(attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor | None:
+    """Segment ids [B, Tk] int32 (0: a real token, 1: padding) equivalent to a `transformers` mask [B, 1, Tq, Tk]
+    (boolean, or additive with 0 = allowed) that is "causal (bottom-right aligned) and not padding" on every real
+    query row; None for any other mask (the caller must then apply the mask itself)."""
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if allowed.dim() != 4 or not (allowed == allowed[:, :1]).all():   # one mask for every head
+        return None
+    allowed = allowed[:, 0]
+    _, Tq, Tk = allowed.shape
+    if Tq > Tk: return None
+    key_valid = allowed.any(dim=1)                                    # [B, Tk]: keys some query may see
+    expected = key_valid[:, None, :].expand_as(allowed)
+    if causal:   # query i sits at key position Tk - Tq + i
+        expected = expected & torch.ones(Tq, Tk, dtype=torch.bool, device=allowed.device).tril(Tk - Tq)
+    query_valid = key_valid[:, Tk - Tq:]
+    if not torch.equal(allowed[query_valid], expected[query_valid]):
+        return None
+    return (~key_valid).to(torch.int32)
+
 def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     """A `transformers` attention function `fn(module, query, key, value, attention_mask, scaling=None, ...)`.
 
@@ -828,9 +892,11 @@ def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
         else:
             signed = layout == "cog"
         causal = getattr(module, "is_causal", True)
-        if attention_mask is None:              # transformers dropped the mask: causality is ours to apply
-            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=None, scale=scaling)
-        else:
+        segments = None if attention_mask is None else padding_segment_ids(attention_mask, causal)
+        if attention_mask is None or segments is not None:   # no mask (causality is ours to apply), or padding
+            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=segments,
+                                  scale=scaling)
+        else:                                   # any other mask: the reference with that mask, O(T²) memory
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             group = query.shape[1] // key.shape[1]
             k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
