@@ -9,8 +9,8 @@ __all__ = ['SMOKE', 'BENCH', 'FULL', 'MoMConfig', 'MLPRouter', 'GRURouter', 'mak
            'balance_loss', 'MoMChunk', 'mom_from_vanilla', 'mom_model', 'mom_chunk', 'computation_depth',
            'routed_linear_simple', 'rms_scale', 'routed_linear_reference', 'RoutedLinearFunction', 'routed_linear',
            'gru_router_reference', 'GRURouterFunction', 'gru_router_step', 'compile_cases', 'kernel_vs_loop',
-           'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run', 'removal_ablation', 'mom_benchmark',
-           'plot_benchmark', 'benchmark_summary', 'depth_experiment', 'engine_from_hf_llama',
+           'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run', 'plot_smoke', 'removal_ablation',
+           'mom_benchmark', 'plot_benchmark', 'benchmark_summary', 'depth_experiment', 'engine_from_hf_llama',
            'exercise_rounds_beyond_pool', 'exercise_token_skip', 'exercise_ste_gradient']
 
 # %% ../nbs/06_mom.ipynb #m0000007
@@ -635,6 +635,25 @@ def two_phase_run(size: dict = SMOKE, seed: int = 0, mcfg: MoMConfig | None = No
     return dict(seed=seed, start=start, vanilla=after_vanilla, mom=after_mom, vanilla_continued=continued, mom_train_loss=hist.train_loss,
                 attn_share=share(chunk.attn_counts), ffn_share=share(chunk.ffn_counts),
                 skip_per_round=(chunk.attn_counts[:, -1].float() / chunk.attn_counts.sum(1)).tolist() if mcfg.skip else None)
+
+# %% ../nbs/06_mom.ipynb #m0000071
+def plot_smoke(runs: list[dict]):
+    "Per seed: held-out loss of each phase and arm, and the MoM's share of decisions per module (SKIP last)."
+    import matplotlib.pyplot as plt
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.2))
+    arms = ("start", "vanilla", "mom", "vanilla_continued")
+    for i, r in enumerate(runs):
+        ax0.plot(range(len(arms)), [r[a]["loss"] for a in arms], "o-", label=f"seed {r['seed']}")
+        n = len(r["attn_share"])
+        ax1.bar([j + 0.4 * i / len(runs) for j in range(n)], r["attn_share"], 0.4 / len(runs), label=f"attention, seed {r['seed']}")
+        ax1.bar([n + 1 + j + 0.4 * i / len(runs) for j in range(n)], r["ffn_share"], 0.4 / len(runs), label=f"FFN, seed {r['seed']}")
+    ax0.set_xticks(range(len(arms)), ["init", "phase 1", "MoM (phase 2)", "vanilla, same steps"], fontsize=8)
+    ax0.set_ylabel("held-out answer loss"); ax0.grid(alpha=0.3); ax0.legend(fontsize=7)
+    labels = [f"A{j}" for j in range(n - 1)] + ["A skip", ""] + [f"F{j}" for j in range(n - 1)] + ["F skip"]
+    ax1.set_xticks(range(2 * n + 1), labels, fontsize=8); ax1.axhline(0.1, color="k", ls="--", lw=0.8)
+    ax1.set_ylabel("share of (token, round) decisions"); ax1.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/06_mom.ipynb #m0000046
 def removal_ablation(mom: Transformer, size: dict, drop: int = 1) -> dict:

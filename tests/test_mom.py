@@ -351,3 +351,13 @@ def test_full_run_code_path_on_a_tiny_size():
     assert len(arms["MoM from vanilla-8"]["skip_per_round"]) == 8
     assert set(arms["MoM from vanilla-8"]["removal"]) == {"all", "no attention", "no FFN"}
     assert r["phase2_tokens"] == 3 * 4 * 6
+
+
+def test_smoke_plot():
+    import matplotlib
+    matplotlib.use("Agg")
+    from lmcourse.mom import plot_smoke
+    run = {"seed": 0, "attn_share": [0.3, 0.3, 0.2, 0.2], "ffn_share": [0.25] * 4,
+           **{a: {"loss": 1.0} for a in ("start", "vanilla", "mom", "vanilla_continued")}}
+    fig = plot_smoke([run, dict(run, seed=1)])
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
