@@ -179,10 +179,15 @@ def _key_ranges(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 # %% ../nbs/03_cog.ipynb #adc1a17b
 @triton.jit
-def _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, lo, hi,
-                   Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr):
-    "Online normalisation over the key blocks [lo, hi): updates (acc, ℓ, m) of one query block."
+def _cog_fwd_inner(b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
+                   tgt_q, tok_q, p_prev, lo, hi, Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SIGNED: tl.constexpr,
+                   HAS_SEG: tl.constexpr, STATS: tl.constexpr = False):
+    """Online normalisation over the key blocks [lo, hi): updates (acc, ℓ, m) of one query block.
+
+    `STATS` (softmax only; the copying chapter): also the unnormalised mass on each query's designated key
+    `tgt_q` (b_hit) and on the keys whose previous token equals the query's token `tok_q` (b_match; the keys'
+    previous tokens at `p_prev`), rescaled with the running max exactly like ℓ."""
     for start_n in range(lo, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, Tk, HEAD_DIM, BLOCK_D, MASKED)
@@ -193,19 +198,24 @@ def _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_
         b_p = tl.math.exp2(b_a - b_m_ref[:, None])                    # e^{|p| - m}, in base 2
         b_alpha = tl.math.exp2(b_m - b_m_ref)                          # rescales the old ℓ and acc
         b_l = b_l * b_alpha + tl.sum(b_p, 1)                           # the denominator never sees the sign
+        if STATS:                                                      # two more sums of the same p (no T×T kept)
+            prev_k = tl.load(p_prev + o_n, mask=o_n < Tk, other=-2)
+            b_hit = b_hit * b_alpha + tl.sum(tl.where(o_n[None, :] == tgt_q[:, None], b_p, 0.0), 1)
+            b_match = b_match * b_alpha + tl.sum(tl.where(prev_k[None, :] == tok_q[:, None], b_p, 0.0), 1)
         b_p = _apply_sign(b_p, b_s, SIGNED)                            # ... the numerator does
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
-    return b_acc, b_l, b_m
+    return b_acc, b_l, b_m, b_hit, b_match
 
 @triton.jit
 def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32 (base 2); seg [B, Tk] or a dummy
+                    tgt, tok, prev, hit, match,   # STATS only (else dummies): int32 tgt, tok [B, Tq], prev [B, Tk]; fp32 hit, match [B, H, Tq]
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_sb,
                     H, GROUP, Tq, Tk, qk_scale,  # heads, query heads per kv head, lengths, scale·log2(e)
                     q_bucket, k_bucket,            # power-of-2 buckets of Tq, Tk: only the autotuner's key
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr):
+                    CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr, STATS: tl.constexpr = False):
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)      # int64: batch/head offsets pass 2³¹ elements
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // GROUP                                                # grouped-query attention
@@ -222,13 +232,21 @@ def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if STATS:                                                          # per query: its designated key, its token
+        tgt_q = tl.load(tgt + i_b * Tq + o_m, mask=o_m < Tq, other=-1)
+        tok_q = tl.load(tok + i_b * Tq + o_m, mask=o_m < Tq, other=-3)
+        b_hit = tl.zeros([BLOCK_M], tl.float32)
+        b_match = tl.zeros([BLOCK_M], tl.float32)
+    else:                                                              # scalars that nothing updates: compiled away
+        tgt_q, tok_q, b_hit, b_match = 0, 0, 0.0, 0.0
+    p_prev = prev + i_b * Tk
     full_end, hi = _key_ranges(m0, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
-                                     0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                                     CAUSAL, SIGNED, HAS_SEG)
-    b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
-                                     full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True,
-                                     CAUSAL, SIGNED, HAS_SEG)
+    b_acc, b_l, b_m, b_hit, b_match = _cog_fwd_inner(
+        b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, tgt_q, tok_q,
+        p_prev, 0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, SIGNED, HAS_SEG, STATS)
+    b_acc, b_l, b_m, b_hit, b_match = _cog_fwd_inner(
+        b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, tgt_q, tok_q,
+        p_prev, full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, SIGNED, HAS_SEG, STATS)
     b_empty = b_l == 0.0                                               # nothing visible: output 0, LSE = +inf
     b_l_safe = tl.where(b_empty, 1.0, b_l)
     b_o = b_acc / b_l_safe[:, None]
@@ -237,6 +255,9 @@ def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32
     tl.store(o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_o)
     tl.store(lse + i_bh * Tq + o_m, b_lse, mask=o_m < Tq)
+    if STATS:                                                          # probabilities: divided by the final ℓ
+        tl.store(hit + i_bh * Tq + o_m, b_hit / b_l_safe, mask=o_m < Tq)
+        tl.store(match + i_bh * Tq + o_m, b_match / b_l_safe, mask=o_m < Tq)
 
 # %% ../nbs/03_cog.ipynb #18030448
 @triton.jit
@@ -398,7 +419,14 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (12
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (32, 64, 4, 3)])
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 
+# The forward with induction statistics (STATS, the copying chapter) holds two more fp32 row sums and their masks:
+# its own configs. Measured with the compile test (lmcourse.copying.compile_cases, bf16): (128, 64, 8, 3) and
+# (64, 64, 4, 3) spill 40 B at head dim 128 on sm_80, (64, 128, 4, 3) and (128, 128, 8, 3) spill on sm_90 too;
+# these three are spill-free with wgmma at head dims 64 and 128 on sm_90 and sm_80.
+_STATS_CONFIGS = _configs([(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
+
 _cog_fwd = autotuned(_FWD_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)            # autotuned on a GPU only
+_cog_fwd_stats = autotuned(_STATS_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)   # the same kernel with STATS=True
 _cog_bwd_dkdv = autotuned(_DKDV_CONFIGS, _TUNE_KEY)(_cog_bwd_dkdv_kernel)
 _cog_bwd_dq = autotuned(_DQ_CONFIGS, _TUNE_KEY)(_cog_bwd_dq_kernel)
 
@@ -439,21 +467,32 @@ def _check_kernel_inputs(q, k, v, causal, scale, segment_ids):
         if segment_ids.device != q.device: raise ValueError("segment_ids must be on the device of q")
 
 # %% ../nbs/03_cog.ipynb #be1de9ef
-def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool):
-    "Launch the forward kernel: returns o [B, H, Tq, D] and the base-2 LSE [B, H, Tq] (fp32)."
+def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool, stats=None):
+    """Launch the forward kernel: returns o [B, H, Tq, D] and the base-2 LSE [B, H, Tq] (fp32).
+
+    `stats` = (target, tokens, prev) int32, contiguous, [B, Tq], [B, Tq], [B, Tk] (softmax only): then it returns
+    o, lse, hit, match with the probability on each query's designated key and its token-matching mass, [B, H, Tq]."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     o = alloc_output((B, H, Tq, D), q.dtype, q.device)
     lse = alloc_output((B, H, Tq), torch.float32, q.device)
+    extra = (lse,) * 5
+    if stats is not None:
+        hit, match = (alloc_output((B, H, Tq), torch.float32, q.device) for _ in range(2))
+        extra = (*stats, hit, match)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
-    _cog_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse,
-                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                   seg.stride(0) if seg is not None else 0,
-                   H, H // Hkv, Tq, Tk, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-                   HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed,
-                   HAS_SEG=seg is not None, **_blocks(_FWD_CONFIGS, q.device))
-    return o, lse
+    args = (q, k, v, o, lse, seg if seg is not None else lse, *extra,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            seg.stride(0) if seg is not None else 0,
+            H, H // Hkv, Tq, Tk, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed, HAS_SEG=seg is not None,
+                STATS=stats is not None)
+    if stats is None:
+        _cog_fwd[grid](*args, **meta, **_blocks(_FWD_CONFIGS, q.device))
+    else:
+        _cog_fwd_stats[grid](*args, **meta, **_blocks(_STATS_CONFIGS, q.device))
+    return (o, lse) if stats is None else (o, lse, hit, match)
 
 def _cog_backward(q, k, v, o, lse, do, seg, causal: bool, scale: float, signed: bool):
     "Launch the two backward kernels: returns dq, dk, dv (dk, dv summed over each group of query heads)."
