@@ -382,15 +382,23 @@ def _grouped_swiglu_fwd_kernel(
 
 @triton.jit
 def _grouped_matmul_kernel(
-    a_ptr,           # [T·K, Kdim] sorted rows
+    a_ptr,           # [T·K, Kdim] sorted rows (with TOKEN_ROWS: [T, Kdim] token rows, gathered through rows_ptr)
     w_ptr,           # per-expert [Kdim, N] matrices, addressed by strides (so a transpose is free)
-    out_ptr,         # out [T·K, N]; with SWIGLU_BWD: dL/da
+    out_ptr,         # out [T·K, N] (with TOKEN_ROWS: [T, N], scattered through rows_ptr); with SWIGLU_BWD: dL/da
     pa_ptr, pb_ptr,  # [T·K, N] SwiGLU pre-activations (read when SWIGLU_BWD)
     db_ptr,          # out [T·K, N] dL/db (written when SWIGLU_BWD)
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
     KDIM, N, N_EXPERTS,
     stride_a, stride_we, stride_wk, stride_wn, stride_out,
     SWIGLU_BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # Options of the Mixture-of-Modules chapter (lmcourse.mom); off, the kernel is the one AoE launches:
+    rows_ptr=None,          # [T·K] token of each sorted row (read when TOKEN_ROWS)
+    col_scale_ptr=None,     # [n, Kdim] per-expert scale of the reduction dimension (read when COL_SCALE)
+    row_scale_ptr=None,     # [T] fp32 per-token scale of the output (read when ROW_SCALE)
+    stride_cs=0,
+    TOKEN_ROWS: tl.constexpr = False,   # gather a and scatter out by token instead of reading/writing sorted rows
+    COL_SCALE: tl.constexpr = False,    # prologue: a ⊙ s_e (MoM: the module's norm gain γ_e)
+    ROW_SCALE: tl.constexpr = False,    # epilogue: acc · c_t (MoM: the token's 1/rms times its routing weight)
 ):
     i_t, i_n = tl.program_id(0), tl.program_id(1)
     i_e = tl.load(tile_expert_ptr + i_t)
@@ -399,17 +407,26 @@ def _grouped_matmul_kernel(
     i_e = i_e.to(tl.int64)
     o_m = (tl.load(tile_start_ptr + i_t) + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < tl.load(offsets_ptr + i_e + 1)
+    if TOKEN_ROWS:
+        o_r = tl.load(rows_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    else:
+        o_r = o_m
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i_k in range(0, KDIM, BLOCK_K):
         o_k = i_k + tl.arange(0, BLOCK_K)
         m_k = o_k < KDIM
-        b_in = tl.load(a_ptr + o_m[:, None] * stride_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_in = tl.load(a_ptr + o_r[:, None] * stride_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if COL_SCALE:
+            b_cs = tl.load(col_scale_ptr + i_e * stride_cs + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_in = (b_in.to(tl.float32) * b_cs[None, :]).to(a_ptr.dtype.element_ty)
         b_w = tl.load(w_ptr + i_e * stride_we + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
                       mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_acc += tl.dot(b_in, b_w)
-    o_out = o_m[:, None] * stride_out + o_n[None, :]
+    if ROW_SCALE:
+        b_acc = b_acc * tl.load(row_scale_ptr + o_r, mask=m_m, other=0.0)[:, None]
+    o_out = o_r[:, None] * stride_out + o_n[None, :]
     m_out = m_m[:, None] & m_n[None, :]
     if SWIGLU_BWD:
         b_pa = tl.load(pa_ptr + o_out, mask=m_out, other=0.0).to(tl.float32)
@@ -425,12 +442,19 @@ def _grouped_matmul_kernel(
 def _grouped_weight_grad_kernel(
     a_ptr,           # [Na, Kdim] left operand, gathered by a_rows
     a_rows_ptr,      # [T·K] row of a for each sorted row
-    b_ptr,           # [T·K, N] right operand in sorted order
+    b_ptr,           # [T·K, N] right operand in sorted order (with B_TOKEN_ROWS: [Na, N], gathered by a_rows too)
     dw_ptr,          # out [n, Kdim, N]: dW_e = Σ_{rows of e} a[a_row]ᵀ b[row]
     offsets_ptr,
     KDIM, N,
     stride_a, stride_b, stride_we, stride_wk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # Options of the Mixture-of-Modules chapter (lmcourse.mom), as in _grouped_matmul_kernel; off, AoE's kernel:
+    col_scale_ptr=None,     # [n, Kdim] per-expert scale of a's columns (read when COL_SCALE)
+    row_scale_ptr=None,     # [Na] fp32 per-row scale of b (read when ROW_SCALE)
+    stride_cs=0,
+    B_TOKEN_ROWS: tl.constexpr = False,   # b is indexed like a (by a_rows), not by sorted row
+    COL_SCALE: tl.constexpr = False,      # dW_e = Σ (a ⊙ s_e)ᵀ b
+    ROW_SCALE: tl.constexpr = False,      # dW_e = Σ aᵀ (c_row · b)
 ):
     i_e, i_k, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_lo = tl.load(offsets_ptr + i_e)
@@ -439,13 +463,23 @@ def _grouped_weight_grad_kernel(
     m_k = o_k < KDIM
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
+    if COL_SCALE:
+        b_cs = tl.load(col_scale_ptr + i_e.to(tl.int64) * stride_cs + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for i_m in range(row_lo, row_hi, BLOCK_M):
         o_m = i_m + tl.arange(0, BLOCK_M)
         m_m = o_m < row_hi
         o_ar = tl.load(a_rows_ptr + o_m, mask=m_m, other=0).to(tl.int64)
         b_at = tl.load(a_ptr + o_ar[None, :] * stride_a + o_k[:, None], mask=m_k[:, None] & m_m[None, :], other=0.0)
-        b_b = tl.load(b_ptr + o_m[:, None].to(tl.int64) * stride_b + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+        if COL_SCALE:
+            b_at = (b_at.to(tl.float32) * b_cs[:, None]).to(a_ptr.dtype.element_ty)
+        if B_TOKEN_ROWS:
+            o_br = o_ar
+        else:
+            o_br = o_m.to(tl.int64)
+        b_b = tl.load(b_ptr + o_br[:, None] * stride_b + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+        if ROW_SCALE:
+            b_b = (b_b.to(tl.float32) * tl.load(row_scale_ptr + o_ar, mask=m_m, other=0.0)[:, None]).to(b_ptr.dtype.element_ty)
         b_acc += tl.dot(b_at, b_b)
     p_dw = dw_ptr + i_e.to(tl.int64) * stride_we + o_k[:, None] * stride_wk + o_n[None, :]
     tl.store(p_dw, b_acc.to(dw_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
@@ -468,26 +502,43 @@ def tile_schedule(offsets: torch.Tensor, n_rows: int, block_m: int):
     tile_start = offsets[e].long() + (j - (tile_end - tiles)[e]) * block_m
     return tile_expert.to(torch.int32), tile_start.to(torch.int32)
 
-def _grouped_matmul(a, w_t, sched, offsets, n_out, blocks, swiglu_pre=None):
-    "Sorted rows a [T·K, Kdim] times per-expert w_t [n, Kdim, N] (any strides) -> [T·K, N] (or (da, db) with swiglu_pre)."
+def _grouped_matmul(a, w_t, sched, offsets, n_out, blocks, swiglu_pre=None, *, rows=None, n_rows=None,
+                    col_scale=None, row_scale=None):
+    """Sorted rows a [T·K, Kdim] times per-expert w_t [n, Kdim, N] (any strides) -> [T·K, N] (or (da, db) with swiglu_pre).
+
+    The MoM options: `rows` [T·K] (token of each sorted row): a is [T, Kdim] read by token and the output [n_rows, N]
+    written by token (rows no sorted row names stay as allocated); `col_scale` [n, Kdim] multiplies a's columns by
+    the expert's scale in the prologue, `row_scale` [T] fp32 the output rows in the epilogue."""
     n, kdim, N = w_t.shape
-    out = alloc_output((len(a), N), a.dtype, a.device)
+    out_rows = len(a) if rows is None else n_rows
+    out = alloc_output((out_rows, N), a.dtype, a.device)
     db = alloc_output((len(a), N), a.dtype, a.device) if swiglu_pre is not None else out
     pa, pb = swiglu_pre if swiglu_pre is not None else (out, out)
     grid = (len(sched[0]), triton.cdiv(N, blocks["BLOCK_N"]))
     _grouped_matmul_kernel[grid](a, w_t, out, pa, pb, db, *sched, offsets, kdim, N, n, a.stride(0),
                                  w_t.stride(0), w_t.stride(1), w_t.stride(2), out.stride(0),
-                                 SWIGLU_BWD=swiglu_pre is not None, **blocks)
+                                 SWIGLU_BWD=swiglu_pre is not None, **blocks,
+                                 **_mom_options(rows, col_scale, row_scale))
     return (out, db) if swiglu_pre is not None else out
 
-def _grouped_weight_grad(a, a_rows, b, offsets, n, dtype, blocks):
-    "dW [n, Kdim, N] with dW_e = Σ over expert e's sorted rows of a[a_rows]ᵀ b."
+def _grouped_weight_grad(a, a_rows, b, offsets, n, dtype, blocks, *, b_by_token=False, col_scale=None, row_scale=None):
+    """dW [n, Kdim, N] with dW_e = Σ over expert e's sorted rows of a[a_rows]ᵀ b (b[a_rows] with `b_by_token`);
+    `col_scale` [n, Kdim] scales a's columns by the expert's scale, `row_scale` [Na] fp32 b's rows (the MoM options)."""
     kdim, N = a.shape[1], b.shape[1]
     dw = alloc_output((n, kdim, N), dtype, a.device)
     grid = (n, triton.cdiv(kdim, blocks["BLOCK_K"]), triton.cdiv(N, blocks["BLOCK_N"]))
+    options = _mom_options(None, col_scale, row_scale) | ({"B_TOKEN_ROWS": True} if b_by_token else {})
     _grouped_weight_grad_kernel[grid](a, a_rows, b, dw, offsets, kdim, N, a.stride(0), b.stride(0), dw.stride(0),
-                                      dw.stride(1), **blocks)
+                                      dw.stride(1), **blocks, **options)
     return dw
+
+def _mom_options(rows, col_scale, row_scale) -> dict:
+    "The grouped kernels' MoM keywords: only the options in use (an AoE launch passes none and compiles as before)."
+    options = {}
+    if rows is not None: options.update(rows_ptr=rows, TOKEN_ROWS=True)
+    if col_scale is not None: options.update(col_scale_ptr=col_scale, stride_cs=col_scale.stride(0), COL_SCALE=True)
+    if row_scale is not None: options.update(row_scale_ptr=row_scale, ROW_SCALE=True)
+    return options
 
 def _check_grouped_inputs(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
     n, R, D = w_gate.shape
