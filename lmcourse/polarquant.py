@@ -9,9 +9,9 @@ __all__ = ['MIN_DECODE_GROUP', 'structured_keys', 'to_polar', 'from_polar', 'Pol
            'polar_dequantize', 'polar_max_step_error', 'polar_logits', 'int_quantize_per_token', 'kivi_quantize_keys',
            'key_bits_per_element', 'key_quantizers', 'attention_metrics', 'attention_errors', 'polar_quantize_triton',
            'compare_polar_keys', 'decode_attention', 'polar_decode_attention', 'polar_decode_attention_reference',
-           'dequantize_then_attend', 'compile_cases', 'benchmark_decode', 'PolarKeyCache', 'PolarKVCache',
-           'polar_cache_attention', 'ReconstructedKVCache', 'PolarQuantLayer', 'PolarQuantCache',
-           'evaluate_key_quantizers', 'key_statistics', 'full_run']
+           'dequantize_then_attend', 'polar_qk_logits', 'compile_cases', 'benchmark_decode', 'benchmark_qk',
+           'PolarKeyCache', 'PolarKVCache', 'polar_cache_attention', 'ReconstructedKVCache', 'PolarQuantLayer',
+           'PolarQuantCache', 'key_cache', 'evaluate_key_quantizers', 'key_statistics', 'full_run']
 
 # %% ../nbs/01_polarquant.ipynb #b43f8655
 import math
@@ -206,7 +206,7 @@ def _check_queries(q: torch.Tensor, B: int, H: int, D: int):
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {H} key heads")
 
 def polar_logits(q: torch.Tensor, pk: PolarKeys, layout: str | None = None) -> torch.Tensor:
-    """Raw logits ⟨q, k̂_t⟩ [B, Hq, Tq, T] (fp32, unscaled, unmasked) for post-RoPE queries `q` [B, Hq, Tq, D].
+    """Raw logits ⟨q, k̂_t⟩ [B, Hq, Tq, T] (fp32, or fp64 for fp64 `q`; unscaled, unmasked) for post-RoPE queries `q` [B, Hq, Tq, D].
 
     Lookup-table form: per block, angle table A[i] = q_x cos φ̂_i + q_y sin φ̂_i and radius table R[i] = ρ̂_i;
     logit = Σ_pairs R[a] · A[b]. `layout`, if given, must be the one the keys were quantized with."""
@@ -216,8 +216,9 @@ def polar_logits(q: torch.Tensor, pk: PolarKeys, layout: str | None = None) -> t
     _check_queries(q, B, H, D)
     group = q.shape[1] // H
     pairs = rope_pairs(D, pk.layout).to(q.device)
-    q_x, q_y = q.float()[..., pairs[:, 0]], q.float()[..., pairs[:, 1]]     # [B, Hq, Tq, P]
-    rho_min, rho_step, phi_min, phi_step = (t.float().repeat_interleave(group, 1) for t in pk.params)  # [B, Hq, N, P]
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    q_x, q_y = q.to(math_dtype)[..., pairs[:, 0]], q.to(math_dtype)[..., pairs[:, 1]]     # [B, Hq, Tq, P]
+    rho_min, rho_step, phi_min, phi_step = (t.to(math_dtype).repeat_interleave(group, 1) for t in pk.params)  # [B, Hq, N, P]
     angle_centres = phi_min[..., None] + (torch.arange(2 ** pk.angle_bits, device=q.device) + 0.5) * phi_step[..., None]
     radius_table = rho_min[..., None] + (torch.arange(2 ** pk.radius_bits, device=q.device) + 0.5) * rho_step[..., None]
     # angle table [B, Hq, Tq, N, P, 2^m]: one per query token and head, block and pair
@@ -414,10 +415,27 @@ def _online_softmax_step(b_s, b_v, b_m, b_l, b_acc):
     return b_m_new, b_l, b_acc
 
 @triton.jit
+def _score_dot(b_q, b_k):
+    """b_q · b_kᵀ [BLOCK_H, BLOCK_T], fp32, for queries [BLOCK_H, P] and keys [BLOCK_T, P], to fp32 accuracy.
+
+    fp32 queries: a tf32x3 dot (three TF32 products, fp32-accurate; plain TF32 has a 10-bit mantissa). 16-bit queries
+    and keys of their dtype (loaded keys): one exact dot.
+    16-bit queries and fp32 keys (rebuilt from codes): keys split as hi + lo, both in the queries' dtype, two dots —
+    rounding rebuilt keys to bf16 would add 2⁻⁹ relative error to every logit, which softmax turns into ~5% output
+    error when logits are large."""
+    if b_q.dtype == tl.float32:
+        return tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="tf32x3")
+    elif b_k.dtype == b_q.dtype:
+        return tl.dot(b_q, tl.trans(b_k))
+    else:
+        b_hi = b_k.to(b_q.dtype)
+        b_lo = (b_k - b_hi.to(tl.float32)).to(b_q.dtype)
+        return tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
+
+@triton.jit
 def _pair_scores(b_qx, b_qy, b_kx, b_ky, qk_scale):
     "q·k = q_x·k_x + q_y·k_y for the [BLOCK_H, P] query halves and [BLOCK_T, P] key halves, times the scale."
-    b_s = tl.dot(b_qx, tl.trans(b_kx.to(b_qx.dtype))) + tl.dot(b_qy, tl.trans(b_ky.to(b_qy.dtype)))
-    return b_s * qk_scale
+    return (_score_dot(b_qx, b_kx) + _score_dot(b_qy, b_ky)) * qk_scale
 
 @triton.jit
 def _dense_range(b_qx, b_qy, k_ptr, v_ptr, stride_kt, stride_vt, t_start, t_end, b_m, b_l, b_acc, qk_scale,
@@ -500,19 +518,25 @@ def _decode_split_kernel(
 
 # %% ../nbs/01_polarquant.ipynb #410dae0b
 @triton.jit
-def _polar_block_keys(codes_ptr, rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr, i_block,
-                      G: tl.constexpr, P: tl.constexpr, RADIUS_BITS: tl.constexpr, ANGLE_BITS: tl.constexpr):
-    "Rebuild one block's keys as pair halves k̂_x, k̂_y [G, P] fp32 from tables built once per block."
-    o_p = tl.arange(0, P)
-    b_codes = tl.load(codes_ptr + i_block * G * P + tl.arange(0, G)[:, None] * P + o_p[None, :]).to(tl.int32)
-    b_a, b_b = b_codes >> ANGLE_BITS, b_codes & (2 ** ANGLE_BITS - 1)
-    o_param = i_block * P + o_p
+def _polar_block_tables(rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr, i_block, P: tl.constexpr,
+                        RADIUS_BITS: tl.constexpr, ANGLE_BITS: tl.constexpr):
+    "One block's tables, fp32: bin-centre radii [2^n, P] and cos, sin of the bin-centre angles [2^m, P]."
+    o_param = i_block * P + tl.arange(0, P)
     b_rho_min, b_rho_step = tl.load(rho_min_ptr + o_param).to(tl.float32), tl.load(rho_step_ptr + o_param).to(tl.float32)
     b_phi_min, b_phi_step = tl.load(phi_min_ptr + o_param).to(tl.float32), tl.load(phi_step_ptr + o_param).to(tl.float32)
-    b_rho_table = b_rho_min[None, :] + (tl.arange(0, 2 ** RADIUS_BITS)[:, None] + 0.5) * b_rho_step[None, :]  # [2^n, P]
-    b_phi_table = b_phi_min[None, :] + (tl.arange(0, 2 ** ANGLE_BITS)[:, None] + 0.5) * b_phi_step[None, :]   # [2^m, P]
-    b_rho = tl.gather(b_rho_table, b_a, 0)                                                 # [G, P]
-    return b_rho * tl.gather(tl.cos(b_phi_table), b_b, 0), b_rho * tl.gather(tl.sin(b_phi_table), b_b, 0)
+    b_radius = b_rho_min[None, :] + (tl.arange(0, 2 ** RADIUS_BITS)[:, None] + 0.5) * b_rho_step[None, :]
+    b_phi = b_phi_min[None, :] + (tl.arange(0, 2 ** ANGLE_BITS)[:, None] + 0.5) * b_phi_step[None, :]
+    return b_radius, tl.cos(b_phi), tl.sin(b_phi)
+
+@triton.jit
+def _polar_tile_keys(codes_ptr, i_block, t0, b_radius, b_cos, b_sin, G: tl.constexpr, P: tl.constexpr,
+                     BLOCK_G: tl.constexpr, ANGLE_BITS: tl.constexpr):
+    "Rebuild keys t0 … t0 + BLOCK_G − 1 of block i_block as pair halves k̂_x, k̂_y [BLOCK_G, P] fp32, gathered from the tables."
+    o_t, o_p = t0 + tl.arange(0, BLOCK_G), tl.arange(0, P)
+    b_codes = tl.load(codes_ptr + i_block * G * P + o_t[:, None] * P + o_p[None, :]).to(tl.int32)
+    b_b = b_codes & (2 ** ANGLE_BITS - 1)
+    b_rho = tl.gather(b_radius, b_codes >> ANGLE_BITS, 0)
+    return b_rho * tl.gather(b_cos, b_b, 0), b_rho * tl.gather(b_sin, b_b, 0)
 
 @triton.jit(do_not_specialize=["N", "L_tail", "n_splits", "blocks_per_split"])   # grow with the cache
 def _polar_decode_split_kernel(
@@ -525,7 +549,8 @@ def _polar_decode_split_kernel(
     stride_qb, stride_qh, stride_tb, stride_th, stride_tt, stride_vb, stride_vh, stride_vt,
     H, Hq, N, L_tail, n_splits, blocks_per_split, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    G: tl.constexpr, D: tl.constexpr, PAIR_STRIDE: tl.constexpr, Y_SHIFT: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr,             # block size; keys of a block rebuilt per tile (divides G)
+    D: tl.constexpr, PAIR_STRIDE: tl.constexpr, Y_SHIFT: tl.constexpr,
     RADIUS_BITS: tl.constexpr, ANGLE_BITS: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -538,11 +563,13 @@ def _polar_decode_split_kernel(
     if i_s < n_splits - 1:                  # a chunk of polar blocks
         o_d = tl.arange(0, D)
         for i_n in range(i_s * blocks_per_split, tl.minimum((i_s + 1) * blocks_per_split, N)):
-            b_kx, b_ky = _polar_block_keys(codes_ptr, rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr,
-                                           i_bh * N + i_n, G, D // 2, RADIUS_BITS, ANGLE_BITS)
-            b_v = tl.load(p_v + (i_n * G + tl.arange(0, G))[:, None] * stride_vt + o_d[None, :])
-            b_s = _pair_scores(b_qx, b_qy, b_kx, b_ky, qk_scale)
-            b_m, b_l, b_acc = _online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
+            b_radius, b_cos, b_sin = _polar_block_tables(rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr,
+                                                         i_bh * N + i_n, D // 2, RADIUS_BITS, ANGLE_BITS)
+            for t0 in tl.static_range(0, G, BLOCK_G):
+                b_kx, b_ky = _polar_tile_keys(codes_ptr, i_bh * N + i_n, t0, b_radius, b_cos, b_sin, G, D // 2, BLOCK_G, ANGLE_BITS)
+                b_v = tl.load(p_v + (i_n * G + t0 + tl.arange(0, BLOCK_G))[:, None] * stride_vt + o_d[None, :])
+                b_s = _pair_scores(b_qx, b_qy, b_kx, b_ky, qk_scale)
+                b_m, b_l, b_acc = _online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
     else:                                   # the full-precision tail after the last block
         b_m, b_l, b_acc = _dense_range(b_qx, b_qy, tail_ptr + i_b * stride_tb + i_kvh * stride_th, p_v + N * G * stride_vt,
                                        stride_tt, stride_vt, 0, L_tail, b_m, b_l, b_acc, qk_scale,
@@ -626,6 +653,7 @@ def polar_decode_attention(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Te
         raise ValueError(f"{values.shape[2]} values for {pk.seq_len} polar + {tail.shape[2]} tail keys")
     q, tail, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, tail, values))
     pk = pk.contiguous()                                    # the kernel indexes codes and parameters densely
+    block_t = block_t or (64 if use_gpu_tiles(q.device) else 16)   # tail tile, and keys of a block per tile
     N = pk.n_blocks
     n_polar_splits = num_splits or _default_splits(N, B * H, q.device)
     blocks_per_split = triton.cdiv(N, n_polar_splits)
@@ -640,7 +668,7 @@ def polar_decode_attention(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Te
         values.stride(0), values.stride(1), values.stride(2),
         H, Hq, N, tail.shape[2], n_splits, blocks_per_split, scale * math.log2(math.e),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_T=block_t or (64 if use_gpu_tiles(q.device) else 16), G=pk.group_size, D=D, PAIR_STRIDE=pair_stride,
+        BLOCK_T=block_t, G=pk.group_size, BLOCK_G=min(pk.group_size, block_t), D=D, PAIR_STRIDE=pair_stride,
         Y_SHIFT=y_shift, RADIUS_BITS=pk.radius_bits, ANGLE_BITS=pk.angle_bits,
         num_warps=8 if use_gpu_tiles(q.device) else 4)
     return _reduce_partials(o_part, lse_part, values.dtype)
@@ -648,14 +676,17 @@ def polar_decode_attention(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Te
 # %% ../nbs/01_polarquant.ipynb #a34551a3
 def polar_decode_attention_reference(q: torch.Tensor, pk: PolarKeys | None, tail: torch.Tensor, values: torch.Tensor,
                                      scale: float | None = None) -> torch.Tensor:
-    "Reference for `polar_decode_attention` (PyTorch, fp32 math, lookup-table logits); same shapes."
+    """Reference for `polar_decode_attention` (PyTorch, lookup-table logits); same shapes.
+
+    fp32 math, fp64 for fp64 queries (the tests' reference); the output is rounded to the values' dtype, as the kernel's."""
     group = q.shape[1] // values.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = q.float() @ tail.float().repeat_interleave(group, 1).transpose(-1, -2)
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = q.to(math_dtype) @ tail.to(math_dtype).repeat_interleave(group, 1).transpose(-1, -2)
     if pk is not None:
         logits = torch.cat([polar_logits(q, pk), logits], -1)
     weights = torch.softmax(logits * scale, -1)
-    return (weights @ values.float().repeat_interleave(group, 1)).to(values.dtype)
+    return (weights @ values.to(math_dtype).repeat_interleave(group, 1)).to(values.dtype)
 
 def dequantize_then_attend(q: torch.Tensor, pk: PolarKeys, tail: torch.Tensor, values: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
@@ -663,26 +694,80 @@ def dequantize_then_attend(q: torch.Tensor, pk: PolarKeys, tail: torch.Tensor, v
     keys = torch.cat([polar_dequantize(pk, values.dtype), tail], 2)
     return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
 
+# %% ../nbs/01_polarquant.ipynb #7c1b2a02
+@triton.jit(do_not_specialize=["N"])                      # the cache grows: one compile for every length
+def _polar_qk_kernel(
+    q_ptr,                                  # queries [B, Hq, D] (one decode token)
+    codes_ptr,                              # polar codes [B, H, N, G, P] uint8, contiguous
+    rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr,   # parameters [B, H, N, P], contiguous
+    out_ptr,                                # out: raw logits [B, Hq, N·G] fp32
+    stride_qb, stride_qh, H, Hq, N,
+    GROUP: tl.constexpr, G: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr,
+    PAIR_STRIDE: tl.constexpr, Y_SHIFT: tl.constexpr, RADIUS_BITS: tl.constexpr, ANGLE_BITS: tl.constexpr,
+):
+    i_bh, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_kvh = i_bh // H, i_bh % H
+    o_p = tl.arange(0, P)
+    b_radius, b_cos, b_sin = _polar_block_tables(rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr, i_bh * N + i_n,
+                                                 P, RADIUS_BITS, ANGLE_BITS)                  # [2^n, P], [2^m, P]
+    p_codes = codes_ptr + (i_bh * N + i_n) * G * P
+    for h in tl.static_range(GROUP):
+        i_qh = i_kvh * GROUP + h
+        p_q = q_ptr + i_b * stride_qb + i_qh * stride_qh + o_p * PAIR_STRIDE
+        b_angle = tl.load(p_q).to(tl.float32)[None, :] * b_cos + tl.load(p_q + Y_SHIFT).to(tl.float32)[None, :] * b_sin
+        p_out = out_ptr + (i_b * Hq + i_qh) * N * G + i_n * G
+        for t0 in tl.static_range(0, G, BLOCK_T):
+            o_t = t0 + tl.arange(0, BLOCK_T)
+            b_codes = tl.load(p_codes + o_t[:, None] * P + o_p[None, :]).to(tl.int32)
+            b_r = tl.gather(b_radius, b_codes >> ANGLE_BITS, 0)                       # [BLOCK_T, P]
+            b_a = tl.gather(b_angle, b_codes & (2 ** ANGLE_BITS - 1), 0)
+            tl.store(p_out + o_t, tl.sum(b_r * b_a, 1))
+
+def polar_qk_logits(q: torch.Tensor, pk: PolarKeys, block_t: int | None = None) -> torch.Tensor:
+    """Raw logits ⟨q, k̂_t⟩ [B, Hq, 1, N·G] fp32 of decode queries q [B, Hq, 1, D] over polar keys, from the lookup
+    tables alone (the paper's q·K kernel; `polar_logits` is its reference)."""
+    B, H, _, D = pk.shape
+    _check_queries(q, B, H, D)
+    if q.shape[2] != 1: raise ValueError(f"polar_qk_logits takes one query token: q must be [B, Hq, 1, D], got {tuple(q.shape)}")
+    _check_pow2("group_size", pk.group_size)
+    _check_pow2("head_dim / 2", D // 2)
+    q, pk = (q if q.stride(-1) == 1 else q.contiguous()), pk.contiguous()
+    Hq, N, G = q.shape[1], pk.n_blocks, pk.group_size
+    out = alloc_output((B, Hq, 1, N * G), torch.float32, q.device)
+    pair_stride, y_shift = _layout_strides(D, pk.layout)
+    _polar_qk_kernel[(B * H, N)](
+        q, pk.codes, *pk.params, out, q.stride(0), q.stride(1), H, Hq, N,
+        GROUP=Hq // H, G=G, P=D // 2, BLOCK_T=min(G, block_t or 32), PAIR_STRIDE=pair_stride, Y_SHIFT=y_shift,
+        RADIUS_BITS=pk.radius_bits, ANGLE_BITS=pk.angle_bits, num_warps=4)
+    return out
+
 # %% ../nbs/01_polarquant.ipynb #b0c1a002
 def compile_cases() -> list[CompileCase]:
-    "Representative GPU launches for the compile test: quantize, plain and polar decode at the benchmark's shapes."
+    "Representative GPU launches for the compile test: quantize, plain and polar decode, polar q·K at the benchmark's shapes."
     small_tiles = "decode: 4 query heads per key head, padded to 16 rows per tile; wgmma needs 64 (memory-bound anyway)"
     def quantize(dtype):
         polar_quantize_triton(torch.empty(1, 8, 32768, 128, dtype=dtype), 4, 4, 128)   # never read: only recorded
+
+    def polar_keys(dtype, group_size, bits):
+        n = 32768 // group_size
+        params = [torch.empty(1, 8, n, 64, dtype=dtype) for _ in range(4)]
+        return PolarKeys(torch.empty(1, 8, n, group_size, 64, dtype=torch.uint8), *params, *bits, "half")
 
     def decode(dtype, group_size=None, bits=(4, 4)):
         q, tail = torch.empty(1, 32, 1, 128, dtype=dtype), torch.empty(1, 8, 64, 128, dtype=dtype)
         if group_size is None:
             return decode_attention(q, torch.empty(1, 8, 32768, 128, dtype=dtype), torch.empty(1, 8, 32768, 128, dtype=dtype))
-        n = 32768 // group_size
-        codes = torch.empty(1, 8, n, group_size, 64, dtype=torch.uint8)
-        params = [torch.empty(1, 8, n, 64, dtype=dtype) for _ in range(4)]
-        pk = PolarKeys(codes, *params, *bits, "half")
-        polar_decode_attention(q, pk, tail, torch.empty(1, 8, 32768 + 64, 128, dtype=dtype))
+        polar_decode_attention(q, polar_keys(dtype, group_size, bits), tail, torch.empty(1, 8, 32768 + 64, 128, dtype=dtype))
+
+    def qk(dtype, bits):
+        polar_qk_logits(torch.empty(1, 32, 1, 128, dtype=dtype), polar_keys(dtype, 128, bits))
 
     # Measured with Triton 3.9 and 3.6 (issue 10 fixes them; a fix without deleting the entry fails the test):
-    decode_spills = [KnownFailure(10, "4/4 bits: spills 0.5-1.8 KB a thread at 255 registers with Triton 3.9",
-                                  "_polar_decode_split_kernel", {"G": 128, "RADIUS_BITS": 4, "ANGLE_BITS": 4}, tritons=("3.9",))]
+    fp32_spills = [KnownFailure(10, "fp32, 4/4 bits: the tf32x3 score dots spill at 255 registers with Triton 3.9",
+                                "_polar_decode_split_kernel", {"G": 128, "RADIUS_BITS": 4, "ANGLE_BITS": 4}, tritons=("3.9",)),
+                   KnownFailure(10, "fp32, 3/3 bits: the tf32x3 score dots spill 56 B a thread at 255 registers (Triton 3.9)",
+                                "_polar_decode_split_kernel", {"G": 128, "RADIUS_BITS": 3, "ANGLE_BITS": 3},
+                                targets=("sm_90",), tritons=("3.9",))]
     fp32_shared = [KnownFailure(10, "fp32: 218 KiB of shared memory; an A100 has 163 KiB", "_polar_decode_split_kernel",
                                 {"G": 128}, targets=("sm_80",), tritons=("3.9",))]
     cases = []
@@ -690,8 +775,10 @@ def compile_cases() -> list[CompileCase]:
         cases += [CompileCase("quantize G128 4/4", dtype, lambda dtype=dtype: quantize(dtype)),
                   CompileCase("decode L32k", dtype, lambda dtype=dtype: decode(dtype), mma_sync_ok=small_tiles)]
         cases += [CompileCase(f"polar decode G128 {bits[0]}/{bits[1]}", dtype, lambda dtype=dtype, bits=bits: decode(dtype, 128, bits),
-                              known_failures=decode_spills + (fp32_shared if dtype == torch.float32 else []),
+                              known_failures=fp32_spills + fp32_shared if dtype == torch.float32 else (),
                               mma_sync_ok=small_tiles) for bits in ((4, 4), (3, 3))]
+        cases += [CompileCase(f"polar q.K G128 {bits[0]}/{bits[1]}", dtype, lambda dtype=dtype, bits=bits: qk(dtype, bits))
+                  for bits in ((4, 4), (3, 3))]
     return cases
 
 # %% ../nbs/01_polarquant.ipynb #fb432175
@@ -749,6 +836,30 @@ def benchmark_decode(batch_sizes=(1, 8), lengths=(4096, 8192, 16384, 32768, 6553
         results[B] = {"x_name": "L", "rows": rows, "config": {"B": B, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
                                                               "head_dim": head_dim, "group_size": group_size}}
     return results
+
+def benchmark_qk(lengths=(32768, 131072), batch: int = 1, n_heads: int = 32, n_kv_heads: int = 8, head_dim: int = 128,
+                 group_size: int = 128) -> dict:
+    """The paper's comparison (GPU only): the lookup-table q·K kernel (`polar_qk_logits`, 4/4 and 3/3) against a
+    bf16 q·Kᵀ (cuBLAS, one query token, GQA), rows per (L, provider) with ms quantiles, bytes read and byte floors."""
+    from lmcourse.bench import bench_ms, device_spec
+    spec, B, H, D, group = device_spec(), batch, n_kv_heads, head_dim, n_heads // n_kv_heads
+    rows = []
+    for L in lengths:
+        gen = torch.Generator("cuda").manual_seed(0)
+        q = torch.randn(B, n_heads, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        pks = {bits: polar_quantize_triton(k, bits, bits, group_size) for bits in (4, 3)}
+        q_grouped = q.view(B, H, group, D)
+        providers = {"bf16 q.K^T (cuBLAS)": (lambda: q_grouped @ k.transpose(-1, -2), k.numel() * 2),
+                     "polar q.K 4/4": (lambda: polar_qk_logits(q, pks[4]), pks[4].nbytes()),
+                     "polar q.K 3/3": (lambda: polar_qk_logits(q, pks[3]), pks[3].nbytes())}
+        for name, (fn, moved) in providers.items():
+            t = bench_ms(fn)
+            rows.append({"L": L, "provider": name, "ms": t["median"], "ms_p20": t["p20"], "ms_p80": t["p80"], "bytes": moved,
+                         "tbps": moved / (t["median"] * 1e-3) / 1e12, "floor_ms": moved / (spec.hbm_tbps * 1e12) * 1e3})
+        torch.cuda.empty_cache()
+    return {"x_name": "L", "rows": rows, "config": {"B": B, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+                                                    "head_dim": head_dim, "group_size": group_size}}
 
 # %% ../nbs/01_polarquant.ipynb #764ebaec
 class PolarKeyCache:
@@ -849,17 +960,20 @@ def polar_cache_attention(q, k, v, *, causal: bool = True, segment_ids=None, sca
 
 # %% ../nbs/01_polarquant.ipynb #1fa54a57
 class ReconstructedKVCache(KVCache):
-    "Reference for `PolarKVCache`: exact keys stored; attention sees complete blocks of *past* keys through polar_quantize → polar_dequantize."
-    def __init__(self, n_layers: int, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128, layout: str = "half"):
+    """Reference for `PolarKVCache`, and the cache of the other key quantizers: exact keys stored; attention sees
+    complete blocks of *past* keys through `quantize` (keys [B, H, T, D] -> reconstruction; default
+    polar_quantize → polar_dequantize with the given bits), newer keys exact."""
+    def __init__(self, n_layers: int, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128, layout: str = "half",
+                 quantize=None):
         super().__init__(n_layers)
-        self.bits, self.group_size, self.layout = (radius_bits, angle_bits), group_size, layout
+        self.group_size = group_size
+        self.quantize = quantize or (lambda k: polar_dequantize(polar_quantize(k, radius_bits, angle_bits, group_size, layout)))
 
     def update(self, layer, k, v):
         past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
         n_old = past // self.group_size * self.group_size
         keys, values = super().update(layer, k, v)
-        old = polar_dequantize(polar_quantize(keys[:, :, :n_old], *self.bits, self.group_size, self.layout), keys.dtype)
-        return torch.cat([old, keys[:, :, n_old:]], 2), values
+        return torch.cat([self.quantize(keys[:, :, :n_old]).to(keys.dtype), keys[:, :, n_old:]], 2), values
 
 # %% ../nbs/01_polarquant.ipynb #2f87336b
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -907,29 +1021,48 @@ class PolarQuantCache(Cache):
                                  for _ in range(config.num_hidden_layers)])
 
 # %% ../nbs/01_polarquant.ipynb #ec04e246
+def key_cache(name: str, model, group_size: int = 128):
+    """The cache that decodes `model` with key quantizer `name` (a `key_quantizers` name): the chapter's `PolarKVCache`
+    for "polar n/m", else a `ReconstructedKVCache` that hands out old blocks through the quantizer."""
+    if name.startswith("polar "):
+        radius_bits, angle_bits = map(int, name.removeprefix("polar ").split("/"))
+        return PolarKVCache.for_model(model, radius_bits, angle_bits, group_size)
+    quantize = key_quantizers(group_size, model.cfg.rope_layout)[name]
+    return ReconstructedKVCache(model.cfg.n_layers, group_size=group_size, quantize=quantize)
+
 @torch.no_grad()
 def evaluate_key_quantizers(model, tokens: torch.Tensor, residual: int = 128, group_size: int = 128) -> dict:
-    """Next-token loss on the last `residual` positions of `tokens` [B, T] when keys older than the residual
-    window (whole blocks) are replaced by each quantizer's reconstruction; plus, per layer, `attention_metrics` of
-    those positions' queries over all the keys they see (exact keys except the old blocks, causal)."""
+    """The paper's protocol on `tokens` [B, T]: prefill the first T − `residual` tokens exactly into each quantizer's
+    cache (`key_cache`), then score the last `residual` tokens as one chunk through it — they see the whole blocks of
+    prefill keys quantized, the rest exact.
+
+    Returns, per quantizer, the chunk's next-token loss and the mean KL (nats) of its next-token distributions from
+    the exact ones; and per layer `attention_metrics` of the chunk's queries when only that layer's old blocks are
+    quantized (exact activations otherwise)."""
     B, T = tokens.shape
-    n_old = (T - residual) // group_size * group_size
-    if n_old <= 0: raise ValueError(f"{T} tokens leave no whole block of {group_size} outside the residual window {residual}")
-    targets = torch.full_like(tokens, -100)
-    targets[:, -residual:-1] = tokens[:, -residual + 1:]
+    n_prefill = T - residual
+    n_old = n_prefill // group_size * group_size
+    if n_old <= 0: raise ValueError(f"{T} tokens leave no whole block of {group_size} before the last {residual}")
+    chunk = tokens[:, n_prefill:]
+    targets = torch.full_like(chunk, -100)
+    targets[:, :-1] = chunk[:, 1:]
     names = [f"blocks.{i}.attn.hook_{w}" for i in range(model.cfg.n_layers) for w in "qkv"]
     _, acts = model.run_with_cache(tokens, names)
-    out = {"n_quantized": n_old, "loss": {}, "attention": {}}
+    out = {"n_prefill": n_prefill, "n_quantized": n_old, "loss": {}, "next-token kl": {}, "attention": {}}
+    exact_log_p = None
     for name, quantize in key_quantizers(group_size, model.cfg.rope_layout).items():
-        def replace_old(k, quantize=quantize):
-            return torch.cat([quantize(k[:, :, :n_old].float()).to(k.dtype), k[:, :, n_old:]], 2)
-        with model.hooks({f"blocks.{i}.attn.hook_k": replace_old for i in range(model.cfg.n_layers)}):
-            _, loss = model(tokens, targets)
+        cache = key_cache(name, model, group_size)
+        model(tokens[:, :n_prefill], cache=cache)                  # exact prefill: nothing is quantized before it attends
+        logits, loss = model(chunk, targets, cache=cache)
+        log_p = logits[:, :-1].double().log_softmax(-1)
+        exact_log_p = log_p if exact_log_p is None else exact_log_p          # the first quantizer is exact (bf16)
         out["loss"][name] = loss.item()
+        out["next-token kl"][name] = (exact_log_p.exp() * (exact_log_p - log_p)).sum(-1).mean().item()
         per_layer = []
         for i in range(model.cfg.n_layers):
             q, k, v = (acts[f"blocks.{i}.attn.hook_{w}"].float() for w in "qkv")
-            per_layer.append(attention_metrics(q[:, :, -residual:], k, replace_old(k), v, causal=True))
+            k_hat = torch.cat([quantize(k[:, :, :n_old]).float(), k[:, :, n_old:]], 2)
+            per_layer.append(attention_metrics(q[:, :, n_prefill:], k, k_hat, v, causal=True))
         out["attention"][name] = {metric: [m[metric] for m in per_layer] for metric in per_layer[0]}
     return out
 

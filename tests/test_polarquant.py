@@ -15,9 +15,10 @@ from lmcourse.polarquant import (MIN_DECODE_GROUP, PolarKeyCache, PolarKeys, Pol
                                  decode_attention, evaluate_key_quantizers, from_polar, int_quantize_per_token,
                                  key_bits_per_element, kivi_quantize_keys, polar_decode_attention,
                                  polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
-                                 polar_quantize, polar_quantize_triton, structured_keys, to_polar)
+                                 polar_qk_logits, polar_quantize, polar_quantize_triton, key_cache, structured_keys,
+                                 to_polar)
 from lmcourse.testing import (assert_close, fresh_seed, gpu_tiles, kernel_device, kernel_dtypes, poisoned_outputs,
-                              random_tensors)
+                              random_tensors, tolerance)
 
 DEV = kernel_device()
 
@@ -219,14 +220,58 @@ def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
 ])
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
-def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, D, bits, layout):
+@pytest.mark.parametrize("queries", ["random", "structured"])    # spread softmax; large logits, concentrated softmax
+def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, D, bits, layout, queries):
     seed = fresh_seed()
     keys = _keys(B, H, n_blocks * G + tail, D, seed, layout)
     (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, n_blocks * G + tail, D)], seed=seed)
+    if queries == "structured": q = _keys(B, Hq, 1, D, seed + 1, layout)
     pk = polar_quantize_triton(keys[:, :, :n_blocks * G], *bits, G, layout)
     with poisoned_outputs():
         out = polar_decode_attention(q, pk, keys[:, :, n_blocks * G:], v, num_splits=splits)
-    assert_close(out, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
+    assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, n_blocks * G:].double(), v.double()), seed=seed)
+
+
+@pytest.mark.gpu
+def test_polar_decode_16bit_scores_keep_fp32_keys():
+    """fp16 queries, structured (large logits): rounding the rebuilt keys to fp16 for the score dot gives ~1e-2 output
+    error, over the fp16 tolerance; the kernel's hi + lo split keeps the keys to fp32 accuracy."""
+    seed = fresh_seed()
+    keys = structured_keys(2 * 128 + 9, 128, n_heads=2, seed=seed % 1000).half().to(DEV)
+    q = structured_keys(1, 128, n_heads=8, seed=seed % 1000 + 1).half().to(DEV)
+    (v,), _ = random_tensors([(1, 2, keys.shape[2], 128)], dtype=torch.float16, seed=seed)
+    pk = polar_quantize_triton(keys[:, :, :256], 4, 4, 128)
+    with poisoned_outputs():
+        out = polar_decode_attention(q, pk, keys[:, :, 256:], v, num_splits=2)
+    assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, 256:].double(), v.double()),
+                 tol=tolerance(torch.float16), seed=seed)
+
+
+@pytest.mark.parametrize("B,H,Hq,N,G,D,bits,block_t", [
+    (2, 2, 6, 3, 32, 64, (3, 5), None),          # GQA 3, n != m, batch 2
+    (1, 1, 4, 2, 16, 128, (5, 3), None),         # head dim 128
+    (1, 2, 2, 2, 128, 64, (4, 4), 32),           # the GPU's G and token tile: 4 tiles per block
+    (1, 1, 1, 1, 16, 32, (2, 6), 64),            # tile larger than the block: clipped to G
+])
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_polar_qk_kernel_matches_float64(B, H, Hq, N, G, D, bits, block_t, layout, dtype):
+    seed = fresh_seed()
+    pk = polar_quantize_triton(_keys(B, H, N * G, D, seed, layout, dtype), *bits, G, layout)
+    q = _keys(B, Hq, 1, D, seed + 1, layout, dtype)
+    with poisoned_outputs():
+        out = polar_qk_logits(q, pk, block_t=block_t)
+    assert out.dtype == torch.float32 and out.shape == (B, Hq, 1, N * G)
+    assert_close(out, polar_logits(q.double(), pk), tol=tolerance(torch.float32), seed=seed)
+
+
+def test_polar_qk_kernel_rejects_bad_inputs():
+    pk = polar_quantize(torch.randn(1, 2, 32, 32, device=DEV), 4, 4, 16)
+    with pytest.raises(ValueError, match="one query token"): polar_qk_logits(torch.randn(1, 2, 2, 32, device=DEV), pk)
+    with pytest.raises(ValueError, match="multiple"): polar_qk_logits(torch.randn(1, 3, 1, 32, device=DEV), pk)
+    odd = polar_quantize(torch.randn(1, 2, 24, 32, device=DEV), 4, 4, 24)
+    with pytest.raises(ValueError, match="power-of-two"): polar_qk_logits(torch.randn(1, 2, 1, 32, device=DEV), odd)
 
 
 @pytest.mark.gpu
@@ -432,15 +477,31 @@ def test_hf_cache_batch_select_and_reset():
 
 def test_evaluate_key_quantizers(tiny_model):
     tokens = torch.randint(0, 64, (2, 96))
-    out = evaluate_key_quantizers(tiny_model, tokens, residual=32, group_size=16)
+    out = evaluate_key_quantizers(tiny_model, tokens, residual=28, group_size=16)
     targets = torch.full_like(tokens, -100)
-    targets[:, -32:-1] = tokens[:, -31:]
-    assert out["n_quantized"] == 64
-    assert abs(out["loss"]["bf16"] - tiny_model(tokens, targets)[1].item()) < 1e-5
+    targets[:, -28:-1] = tokens[:, -27:]
+    assert (out["n_prefill"], out["n_quantized"]) == (68, 64)          # 4 whole blocks of the 68-token prefill
+    assert abs(out["loss"]["bf16"] - tiny_model(tokens, targets)[1].item()) < 1e-5   # an exact cache = one pass
+    assert out["next-token kl"]["bf16"] == 0.0 and min(out["next-token kl"][n] for n in out["loss"] if n != "bf16") > 0
     assert max(out["attention"]["bf16"]["kl"]) == 0.0 and min(out["attention"]["polar 3/3"]["kl"]) > 0
     assert len(out["attention"]["kivi 4-bit"]["output"]) == 2
+    assert isinstance(key_cache("polar 3/3", tiny_model, 16), PolarKVCache)
+    assert key_cache("polar 3/3", tiny_model, 16).layers[0].radius_bits == 3
     with pytest.raises(ValueError, match="no whole block"):
         evaluate_key_quantizers(tiny_model, tokens[:, :40], residual=32, group_size=16)
+
+
+def test_protocol_prefill_is_exact(tiny_model):
+    "The prefill attends to exact keys whatever the quantizer; the chunk after it sees old blocks through the quantizer."
+    tokens = torch.randint(0, 64, (2, 40))
+    exact = tiny_model(tokens)[0]
+    zeros = ReconstructedKVCache(2, group_size=8, quantize=torch.zeros_like)     # a quantizer that destroys keys
+    prefill = tiny_model(tokens[:, :30], cache=zeros)[0]
+    assert_close(prefill, exact[:, :30], tol=1e-5)
+    chunk = tiny_model(tokens[:, 30:], cache=zeros)[0]
+    assert (chunk - exact[:, 30:]).abs().max() > 1e-3                        # keys 0 … 23 (3 blocks) were zeroed
+    keys = zeros.update(0, *(torch.zeros(2, 2, 1, 16),) * 2)[0]                # what a next step would see in layer 0
+    assert keys[:, :, :40].abs().sum() == 0 and keys[:, :, 40:].abs().sum() == 0 and keys.shape[2] == 41
 
 
 def test_polar_keys_shapes():
