@@ -508,3 +508,80 @@ def test_polar_keys_shapes():
     pk = polar_quantize(torch.randn(2, 3, 64, 16), 4, 4, 16)
     assert isinstance(pk, PolarKeys) and pk.shape == (2, 3, 64, 16)
     assert pk.codes.shape == (2, 3, 4, 16, 8) and pk.rho_min.shape == (2, 3, 4, 8)
+
+
+def test_value_buffer_grows_without_copying_every_step():
+    store = PolarKeyCache(4, 4, group_size=16)
+    (k, v), _ = random_tensors([(2, 2, 70, 32), (2, 2, 70, 32)], device="cpu")
+    buffers = set()
+    store.append(k[:, :, :5], v[:, :, :5])
+    for t in range(5, 70):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        buffers.add(store._value_buffer.data_ptr())
+    assert torch.equal(store.values, v) and store.seq_len == 70
+    assert len(buffers) <= 4                                              # 16 -> 32 -> 64 -> 128 slots: doubling
+    store.index_batch(torch.tensor([1]))
+    assert torch.equal(store.values, v[1:]) and store.nbytes()["values"] >= v[1:].numel() * 4
+
+
+def _hf_fused_pair(config):
+    "The same random-init Llama twice: with HF's SDPA, and with the registered PolarQuant attention."
+    import copy
+    from transformers import LlamaForCausalLM
+    from lmcourse.polarquant import register_polar_attention
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval().to(DEV)
+    fused = copy.deepcopy(reference)
+    fused.set_attn_implementation(register_polar_attention())
+    return reference, fused
+
+
+def test_hf_fused_decode_matches_independent_reference():
+    """HF decode through the fused kernel (PolarQuantCache(fused=True) + polar_hf_attention) against a reference
+    written apart: exact keys in a DynamicLayer, every complete block (the current step's included, as the fused
+    cache quantizes it before attending) through polar_quantize -> polar_dequantize, HF's own SDPA."""
+    from transformers import LlamaConfig
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class FusedSemanticsLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            past = self.get_seq_length()
+            keys, values = super().update(key_states, value_states)
+            n_old = (past + 1) // 16 * 16 if key_states.shape[2] == 1 and past else past // 16 * 16
+            old = polar_dequantize(polar_quantize(keys[:, :, :n_old], 3, 5, 16), keys.dtype)
+            return torch.cat([old, keys[:, :, n_old:]], 2), values
+
+    config = LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=128, head_dim=32)       # GQA 3, head dim 32
+    reference, fused = _hf_fused_pair(config)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(fresh_seed() % 2 ** 31)).to(DEV)
+    ref_cache, fused_cache = Cache(layer_class_to_replicate=FusedSemanticsLayer), PolarQuantCache(config, 3, 5, 16, fused=True)
+    with torch.no_grad():
+        for model, cache in ((reference, ref_cache), (fused, fused_cache)):
+            model(tokens[:, :21], past_key_values=cache, use_cache=True)              # prefill: 1 block + 5 exact keys
+        for t in range(21, 40):                                                       # 19 steps: completes blocks 2 and 3
+            step = dict(input_ids=tokens[:, t:t + 1], use_cache=True)
+            expected = reference(**step, past_key_values=ref_cache).logits
+            assert_close(fused(**step, past_key_values=fused_cache).logits, expected, name=f"step {t}")
+    layer = fused_cache.layers[1].store
+    assert (layer.polar.seq_len, layer.tail.shape[2], layer.seq_len) == (32, 8, 40)
+
+
+def test_hf_fused_attention_falls_back_when_the_mask_hides_keys():
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from lmcourse.polarquant import polar_hf_attention
+    store = PolarKeyCache(4, 4, group_size=16)
+    (k, v, q), seed = random_tensors([(2, 2, 37, 32), (2, 2, 37, 32), (2, 4, 1, 32)])
+    store.store(k, v)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    mask = torch.ones(2, 1, 1, 37, dtype=torch.bool, device=q.device)
+    mask[0, :, :, :3] = False                                                   # row 0 left-padded by 3
+    out, _ = polar_hf_attention(module, q, store, store.values, mask, scaling=0.3)
+    assert_close(out, sdpa_attention_forward(module, q, store.keys(), store.values, mask, scaling=0.3)[0], seed=seed)
+    full, _ = polar_hf_attention(module, q, store, store.values, None, scaling=0.3)   # no mask: the fused kernel
+    assert_close(full, eager_attention(q, store.keys(), store.values, scale=0.3).transpose(1, 2), seed=seed)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        polar_hf_attention(module, q, store, store.values, None, dropout=0.1)
+    with pytest.raises(ValueError, match="group_size >= 16"):
+        PolarQuantCache(SimpleNamespace(get_text_config=lambda decoder: SimpleNamespace(num_hidden_layers=1)), group_size=8, fused=True)
