@@ -536,7 +536,7 @@ def _hf_fused_pair(config):
     return reference, fused
 
 
-def test_hf_fused_decode_matches_independent_reference():
+def test_hf_fused_decode_matches_independent_reference(monkeypatch):
     """HF decode through the fused kernel (PolarQuantCache(fused=True) + polar_hf_attention) against a reference
     written apart: exact keys in a DynamicLayer, every complete block (the current step's included, as the fused
     cache quantizes it before attending) through polar_quantize -> polar_dequantize, HF's own SDPA."""
@@ -559,10 +559,14 @@ def test_hf_fused_decode_matches_independent_reference():
     with torch.no_grad():
         for model, cache in ((reference, ref_cache), (fused, fused_cache)):
             model(tokens[:, :21], past_key_values=cache, use_cache=True)              # prefill: 1 block + 5 exact keys
+        def no_dequantize(*args, **kwargs): raise AssertionError("a fused decode step rebuilt the keys")
         for t in range(21, 40):                                                       # 19 steps: completes blocks 2 and 3
             step = dict(input_ids=tokens[:, t:t + 1], use_cache=True)
             expected = reference(**step, past_key_values=ref_cache).logits
-            assert_close(fused(**step, past_key_values=fused_cache).logits, expected, name=f"step {t}")
+            with monkeypatch.context() as m:                                          # the fast path reads the codes
+                m.setattr("lmcourse.polarquant.polar_dequantize", no_dequantize)
+                actual = fused(**step, past_key_values=fused_cache).logits
+            assert_close(actual, expected, name=f"step {t}")
     layer = fused_cache.layers[1].store
     assert (layer.polar.seq_len, layer.tail.shape[2], layer.seq_len) == (32, 8, 40)
 
