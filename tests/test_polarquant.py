@@ -589,3 +589,18 @@ def test_hf_fused_attention_falls_back_when_the_mask_hides_keys():
         polar_hf_attention(module, q, store, store.values, None, dropout=0.1)
     with pytest.raises(ValueError, match="group_size >= 16"):
         PolarQuantCache(SimpleNamespace(get_text_config=lambda decoder: SimpleNamespace(num_hidden_layers=1)), group_size=8, fused=True)
+
+
+def test_hf_cache_against_exact_keys():
+    "Independent of polar_quantize: after an HF prefill, the cache holds DynamicCache's exact values and tail, and blocks within half a step of its exact keys."
+    from transformers import DynamicCache
+    config, model = _tiny_llama()
+    prompt = torch.randint(0, 128, (2, 21))
+    exact, polar = DynamicCache(config=config), PolarQuantCache(config, 3, 5, group_size=8)
+    with torch.no_grad():
+        for cache in (exact, polar):
+            model(prompt, past_key_values=cache, use_cache=True)
+    for layer, exact_layer in zip(polar.layers, exact.layers):
+        store, k = layer.store, exact_layer.keys
+        assert torch.equal(store.tail, k[:, :, 16:]) and torch.equal(store.values, exact_layer.values)
+        assert store.polar.seq_len == 16 and max(polar_max_step_error(k[:, :, :16], store.polar)) <= 0.5 + 1e-4
