@@ -9,10 +9,13 @@ __all__ = ['BENCH_SHAPES', 'LM_SIZES', 'TOKEN_KINDS', 'aoe_d_wide', 'moe_expert_
            'gate_weights', 'topk_softmax', 'aoe_gate_reference', 'router_gate_reference', 'ExpertSort',
            'sort_by_expert', 'grouped_swiglu_reference', 'combine_rows', 'AoEGateFunction', 'aoe_gate', 'tile_schedule',
            'GroupedSwiGLUFunction', 'grouped_swiglu', 'compile_cases', 'routing_stats', 'MoELayer', 'AoELayer',
-           'layer_flops', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy', 'token_kinds',
-           'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe', 'hf_aux_loss']
+           'layer_flops', 'bench_d_wide', 'layer_benchmark', 'benchmark_summary', 'plot_benchmark', 'two_stage_toy',
+           'token_kinds', 'lm_data', 'lm_model', 'routing_report', 'lm_run', 'plot_lm_runs', 'swap_mlp_for_aoe',
+           'hf_aux_loss', 'AoEGate', 'AoEExperts', 'swap_moe_for_aoe', 'save_aoe_moe', 'load_aoe_moe', 'NormRouter',
+           'remove_routers']
 
 # %% ../nbs/05_aoe.ipynb #0e2f929e
+import functools
 import math
 from dataclasses import dataclass
 
@@ -114,49 +117,60 @@ def combine_rows(y_rows: torch.Tensor, weights: torch.Tensor, sort: ExpertSort, 
 
 # %% ../nbs/05_aoe.ipynb #7c502185
 @triton.jit
-def _aoe_gate_fwd_kernel(
+def _aoe_gate_norms_kernel(
     x_ptr,          # [T, d] tokens
     w_ptr,          # [n, d, r] W_down of every expert
     c_ptr,          # out [T, n·r] low-rank cache
     s_ptr,          # out [T, n] fp32 norms
+    T, D_MODEL, N_EXPERTS, R,
+    stride_xt, stride_we, stride_wd, stride_ct,
+    BLOCK_M: tl.constexpr,   # tokens per program
+    BLOCK_D: tl.constexpr,   # reduction chunk over d
+    BLOCK_R: tl.constexpr,   # columns of the expert's r handled at a time
+):
+    "Program (i_m, e): c = X[tile] W_down[e] (stored) and ||c|| per token (fp32, from the fp32 accumulator)."
+    i_m, i_e = tl.program_id(0), tl.program_id(1)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: T·n·r passes 2³¹ at long batches
+    m_m = o_m < T
+    b_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i_r in range(0, R, BLOCK_R):
+        o_r = i_r + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_c = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i_d in range(0, D_MODEL, BLOCK_D):
+            o_d = i_d + tl.arange(0, BLOCK_D)
+            m_d = o_d < D_MODEL
+            b_x = tl.load(x_ptr + o_m[:, None] * stride_xt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+            b_w = tl.load(w_ptr + i_e.to(tl.int64) * stride_we + o_d[:, None] * stride_wd + o_r[None, :],
+                          mask=m_d[:, None] & m_r[None, :], other=0.0)
+            b_c += tl.dot(b_x, b_w)
+        p_c = c_ptr + o_m[:, None] * stride_ct + i_e * R + o_r[None, :]
+        tl.store(p_c, b_c.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+        b_sq += tl.sum(b_c * b_c, axis=1)
+    tl.store(s_ptr + o_m * N_EXPERTS + i_e, tl.sqrt(b_sq), mask=m_m)
+
+
+@triton.jit
+def _aoe_gate_select_kernel(
+    s_ptr,          # [T, n] fp32 norms
     idx_ptr,        # out [T, K] int32 selected experts, best first
     g_ptr,          # out [T, K] fp32 gate weights (`gate_weights` of the selected norms)
     count_ptr,      # in/out [n] int32, zero on entry: how many tokens selected each expert
     psum_ptr,       # in/out [n] fp32, zero on entry: Σ over tokens of softmax(norms)
-    T, D_MODEL, N_EXPERTS, R,
-    stride_xt, stride_we, stride_wd, stride_ct,
+    T, N_EXPERTS,
     TOP_K: tl.constexpr,
     RENORMALIZE: tl.constexpr,   # g = softmax over the K winners (True) or the full softmax's p at them (False)
     BLOCK_M: tl.constexpr,   # tokens per program
-    BLOCK_D: tl.constexpr,   # reduction chunk over d
-    BLOCK_R: tl.constexpr,   # columns of one expert's r handled at a time
     BLOCK_E: tl.constexpr,   # next power of two ≥ n
     BLOCK_K: tl.constexpr,   # next power of two ≥ K
 ):
+    "Program i_m: top-K, gate weights, and this tile's share of counts and prob_sum, from the n norms of its tokens."
     i_m = tl.program_id(0)
-    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: T·n·r passes 2³¹ at long batches
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < T
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < N_EXPERTS
-    b_s = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for i_e in range(N_EXPERTS):
-        b_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for i_r in range(0, R, BLOCK_R):
-            o_r = i_r + tl.arange(0, BLOCK_R)
-            m_r = o_r < R
-            b_c = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for i_d in range(0, D_MODEL, BLOCK_D):
-                o_d = i_d + tl.arange(0, BLOCK_D)
-                m_d = o_d < D_MODEL
-                b_x = tl.load(x_ptr + o_m[:, None] * stride_xt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-                b_w = tl.load(w_ptr + i_e * stride_we + o_d[:, None] * stride_wd + o_r[None, :],
-                              mask=m_d[:, None] & m_r[None, :], other=0.0)
-                b_c += tl.dot(b_x, b_w)
-            p_c = c_ptr + o_m[:, None] * stride_ct + i_e * R + o_r[None, :]
-            tl.store(p_c, b_c.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
-            b_sq += tl.sum(b_c * b_c, axis=1)
-        b_s = tl.where(o_e[None, :] == i_e, tl.sqrt(b_sq)[:, None], b_s)
-    tl.store(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], b_s, mask=m_m[:, None] & m_e[None, :])
+    b_s = tl.load(s_ptr + o_m[:, None] * N_EXPERTS + o_e[None, :], mask=m_m[:, None] & m_e[None, :], other=0.0)
     b_s = tl.where(m_e[None, :], b_s, float("-inf"))
     # full softmax over all n experts: this tile's share of P (the balance loss needs every expert)
     b_smax = tl.max(b_s, axis=1)
@@ -249,9 +263,16 @@ def _aoe_gate_bwd_kernel(
 def _pow2(n: int, lo: int = 16) -> int: return max(lo, triton.next_power_of_2(n))
 
 def _gate_blocks(x: torch.Tensor, d: int, r: int, n: int, k: int) -> dict:
+    """Block sizes of the gate's three kernels: `norms` (a GEMM tile over tokens × r, reduced over d), `select` and
+    the backward (tokens × all n experts in registers: at most 2048 fp32 per tile, so n = 64 takes 32 tokens)."""
     on_gpu = use_gpu_tiles(x.device)        # the GPU's blocks on CUDA, and in the interpreter inside gpu_tiles()
-    return dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(64, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r)),
-                BLOCK_E=_pow2(n, 2), BLOCK_K=_pow2(k, 2))
+    BLOCK_E = _pow2(n, 2)
+    rows = min(64, max(16, 2048 // BLOCK_E)) if on_gpu else 16
+    # fp32 operands (TF32 dots) at BLOCK_D = 64 spill on sm_80's mma.sync: half the d chunk
+    chunk_d = 32 if on_gpu and x.dtype == torch.float32 else 64
+    return dict(norms=dict(BLOCK_M=64 if on_gpu else 16, BLOCK_D=min(chunk_d, _pow2(d)), BLOCK_R=min(128 if on_gpu else 64, _pow2(r))),
+                select=dict(BLOCK_M=rows, BLOCK_E=BLOCK_E, BLOCK_K=_pow2(k, 2)),
+                bwd=dict(BLOCK_M=rows, BLOCK_R=min(128 if on_gpu else 64, _pow2(r)), BLOCK_E=BLOCK_E, BLOCK_K=_pow2(k, 2)))
 
 def _check_gate_inputs(x, w_down, top_k):
     if x.dim() != 2 or w_down.dim() != 3: raise ValueError(f"x must be [T, d] and w_down [n, d, r]; got {tuple(x.shape)}, {tuple(w_down.shape)}")
@@ -273,10 +294,13 @@ class AoEGateFunction(torch.autograd.Function):
         counts = torch.zeros(n, dtype=torch.int32, device=x.device)
         prob_sum = torch.zeros(n, dtype=torch.float32, device=x.device)
         blocks = _gate_blocks(x, d, r, n, top_k)
-        _aoe_gate_fwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
-            x, w_down, cache, norms, idx, weights, counts, prob_sum, T, d, n, r,
-            x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-            **blocks)
+        # 2-D grid: every (token tile, expert) pair is a program, so W_down[e] is read by T / BLOCK_M programs
+        # at once and even a decode step (T = 1) runs n programs
+        _aoe_gate_norms_kernel[(triton.cdiv(T, blocks["norms"]["BLOCK_M"]), n)](
+            x, w_down, cache, norms, T, d, n, r, x.stride(0), w_down.stride(0), w_down.stride(1), cache.stride(0),
+            **blocks["norms"])
+        _aoe_gate_select_kernel[(triton.cdiv(T, blocks["select"]["BLOCK_M"]),)](
+            norms, idx, weights, counts, prob_sum, T, n, TOP_K=top_k, RENORMALIZE=renormalize, **blocks["select"])
         ctx.renormalize = renormalize
         ctx.save_for_backward(x, w_down, cache, norms, idx, weights)
         ctx.mark_non_differentiable(idx, counts)
@@ -287,8 +311,7 @@ class AoEGateFunction(torch.autograd.Function):
         x, w_down, cache, norms, idx, weights = ctx.saved_tensors
         (T, d), (n, _, r) = x.shape, w_down.shape
         d_total = alloc_output((T, n * r), torch.float32, x.device)
-        blocks = _gate_blocks(x, d, r, n, idx.shape[1])
-        blocks.pop("BLOCK_D")
+        blocks = _gate_blocks(x, d, r, n, idx.shape[1])["bwd"]
         _aoe_gate_bwd_kernel[(triton.cdiv(T, blocks["BLOCK_M"]),)](
             cache, norms, idx, weights, d_cache.contiguous(), d_norms.float().contiguous(), d_weights.float().contiguous(),
             d_prob_sum.float().contiguous(), d_total, T, n, r, cache.stride(0), TOP_K=idx.shape[1],
@@ -528,8 +551,8 @@ def _grouped_mm_experts(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets):
 # %% ../nbs/05_aoe.ipynb #a0e1c002
 def compile_cases() -> list[CompileCase]:
     "Representative GPU launches for the compile test: gate and grouped SwiGLU, forward and backward, every dtype."
-    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give BLOCK_D=64,
-        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_R=128): small; never read
+    def gate(s: dict, dtype: torch.dtype, renormalize: bool = True):   # d and r only set loop counts (both give the GPU's
+        x = torch.empty(128, 64, dtype=dtype, requires_grad=True)            # BLOCK_D and BLOCK_R=128): small; never read
         w = torch.empty(s["n_experts"], 64, 128, dtype=dtype, requires_grad=True)
         cache, norms, _, weights, _, prob_sum = aoe_gate(x, w, s["top_k"], renormalize)
         outs = [cache, norms, weights, prob_sum]
@@ -537,7 +560,7 @@ def compile_cases() -> list[CompileCase]:
 
     def experts(s: dict, dtype: torch.dtype):
         T, d, n, K, r = 64, s["d_model"], s["n_experts"], s["top_k"], s["d_low"]
-        D = aoe_d_wide(d, s["d_ffn"], r)
+        D = bench_d_wide(s)
         idx = torch.arange(T * K).view(T, K) % n                                          # round-robin routing
         sort = sort_by_expert(idx, torch.bincount(idx.flatten(), minlength=n))
         z, x = torch.empty(T * n, r, dtype=dtype, requires_grad=True), torch.empty(T, d, dtype=dtype, requires_grad=True)
@@ -569,12 +592,6 @@ def compile_cases() -> list[CompileCase]:
 # (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
 _BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
 _KNOWN_COMPILE_FAILURES = [
-    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.9",), "32 B"),
-    (_BF16_FP16, "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_80",), ("3.6",), "16-104 B"),
-    (("float32",), "gate mixtral", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "288-640 B"),
-    (_ALL, "gate fine-grained", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "40-720 B"),
-    (_ALL, "gate fine-grained", "_aoe_gate_bwd_kernel", {}, ("sm_90",), ("3.9",), "16-32 B"),
-    (("bfloat16",), "gate fine-grained megablocks", "_aoe_gate_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "48-176 B"),
     (_BF16_FP16, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
     (("float32",), "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_80",), ("3.9", "3.6"), "216-1064 B"),
     (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
@@ -716,6 +733,11 @@ BENCH_SHAPES = {
     "fine-grained": dict(tokens=16384, d_model=2048, d_ffn=768, n_experts=64, top_k=8, d_low=128),
 }
 
+def bench_d_wide(s: dict, multiple: int = 128) -> int:
+    """The AoE width D of a benchmark shape: `aoe_d_wide` rounded up to a multiple of 128, so expert rows are aligned
+    for vectorised and TMA loads and `torch._grouped_mm` (19999 → 20096 at Mixtral, 1056 → 1152 fine-grained)."""
+    return -(-aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"]) // multiple) * multiple
+
 def _bench_layer(kind: str, impl: str, s: dict, device, dtype):
     if kind == "dense":
         from lmcourse.model import SwiGLU
@@ -723,7 +745,7 @@ def _bench_layer(kind: str, impl: str, s: dict, device, dtype):
     if kind == "moe":
         layer = MoELayer(s["d_model"], s["d_ffn"], s["n_experts"], s["top_k"], impl=impl)
     else:
-        layer = AoELayer(s["d_model"], s["d_low"], aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"]), s["n_experts"], s["top_k"], impl=impl)
+        layer = AoELayer(s["d_model"], s["d_low"], bench_d_wide(s), s["n_experts"], s["top_k"], impl=impl)
     return layer.to(device, dtype)
 
 def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
@@ -732,7 +754,8 @@ def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
     if not gpu_available(): raise RuntimeError("layer_benchmark needs a CUDA GPU")
     shapes, device, rows = shapes or BENCH_SHAPES, torch.device("cuda"), []
     providers = {"moe-loop": ("moe", "torch"), "moe-triton": ("moe", "triton"), "moe-grouped_mm": ("moe", "grouped_mm"),
-                 "aoe-loop": ("aoe", "torch"), "aoe-triton": ("aoe", "triton"), "dense": ("dense", None)}
+                 "aoe-loop": ("aoe", "torch"), "aoe-triton": ("aoe", "triton"), "aoe-grouped_mm": ("aoe", "grouped_mm"),
+                 "dense": ("dense", None)}
     for shape_name, s in shapes.items():
         x = torch.randn(s["tokens"], s["d_model"], device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
@@ -745,7 +768,9 @@ def layer_benchmark(shapes: dict | None = None, dtype=torch.bfloat16) -> dict:
                 def step(layer=layer, mode=mode):
                     out = layer(x)
                     if mode == "fwd+bwd": out.backward(dy)
-                row = dict(shape=shape_name, provider=provider, mode=mode, **s)
+                row = dict(shape=shape_name, provider=provider, mode=mode, **s,
+                           **({"d_wide": bench_d_wide(s), "d_wide_matched": aoe_d_wide(s["d_model"], s["d_ffn"], s["d_low"])}
+                              if kind == "aoe" else {}))
                 try:
                     step(); torch.cuda.synchronize()
                     t = bench_ms(step, grad_to_none=[x, *layer.parameters()])
@@ -849,11 +874,11 @@ def token_kinds(tokenizer) -> torch.Tensor:
     return torch.tensor([kind(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
 
 def lm_data(size: dict):
-    "Tokenizer and a `get_batch(split, generator)` over the stdlib corpus."
+    "(tokenizer, `get_batch(split, generator)` over the stdlib corpus, tokens in one epoch of its train split)."
     from lmcourse.data import ByteTokenizer, bpe_tokenizer, corpus_streams, stream_batches
     tok = ByteTokenizer() if size["tokenizer"] == "byte" else bpe_tokenizer(4096)
     streams = corpus_streams(tok, size["train_bytes"], size["val_bytes"])
-    return tok, stream_batches(streams, size["batch_size"], size["seq_len"])
+    return tok, stream_batches(streams, size["batch_size"], size["seq_len"]), len(streams["train"])
 
 def lm_model(kind: str, size: dict, vocab_size: int, impl: str = "auto") -> Transformer:
     "An LM whose feed-forward blocks are MoELayer ('moe') or parameter-matched AoELayer ('aoe')."
@@ -890,7 +915,7 @@ def routing_report(model: Transformer, get_batch, kinds: torch.Tensor, n_batches
 def lm_run(kind: str, size: dict, seed: int = 0, impl: str = "auto", progress: bool = False, data=None) -> dict:
     "Train one LM of `kind` at `size` with lmcourse.train; return history, tokens/s, parameter counts and routing report."
     from lmcourse.train import TrainConfig, train
-    tok, get_batch = data or lm_data(size)
+    tok, get_batch, train_tokens = data or lm_data(size)
     torch.manual_seed(seed)
     model = lm_model(kind, size, tok.vocab_size, impl)
     tcfg = TrainConfig(steps=size["steps"], batch_size=size["batch_size"], seq_len=size["seq_len"], lr=size["lr"],
@@ -898,11 +923,14 @@ def lm_run(kind: str, size: dict, seed: int = 0, impl: str = "auto", progress: b
                        seed=seed, progress=progress)
     def loss_fn(m, batch):
         _, loss = m(batch.inputs, batch.targets, segment_ids=batch.segment_ids)
-        return loss, {"balance_loss": float(sum(b.ffn.balance_loss for b in m.blocks)) / len(m.blocks)}
+        # a tensor, not float(...): the loop copies metrics to the host every log_every steps, so no step waits for the GPU
+        return loss, {"balance_loss": sum(b.ffn.balance_loss for b in m.blocks) / len(m.blocks)}
     hist = train(model, get_batch, tcfg, loss_fn=loss_fn)
     report = routing_report(model, get_batch, token_kinds(tok), size["eval_batches"], seed)
+    tokens = size["steps"] * size["batch_size"] * size["seq_len"]
     return dict(kind=kind, seed=seed, size=size, params=model.num_params(), history=hist.to_dict(),
-                tokens_per_s=hist.tokens_per_s, final_val_loss=hist.val_loss[-1], **report)
+                tokens_per_s=hist.tokens_per_s, final_val_loss=hist.val_loss[-1], tokens=tokens,
+                train_tokens=train_tokens, epochs=tokens / train_tokens, **report)
 
 def plot_lm_runs(runs: list[dict]):
     "Validation curves, per-layer load and selection entropy, and token-kind → expert heatmaps (last layer)."
@@ -945,3 +973,155 @@ def swap_mlp_for_aoe(model, d_low: int, n_experts: int = 8, top_k: int = 2, aux_
 def hf_aux_loss(layers: list[nn.Module]) -> torch.Tensor:
     "Sum of the layers' aux losses from the last forward (zero in eval mode)."
     return sum((l.aux_loss for l in layers if l.aux_loss is not None), torch.zeros(()))
+
+# %% ../nbs/05_aoe.ipynb #a0e1hf02
+def _moe_blocks(model) -> list[nn.Module]:
+    "The sparse-MoE blocks of a Hugging Face MoE model: decoder layers whose `mlp` has a `gate` router and `experts`."
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no sparse-MoE blocks (decoder layers whose mlp has .gate and "
+                         ".experts); for a dense Llama-style model use swap_mlp_for_aoe")
+    return blocks
+
+def _moe_sizes(config) -> dict:
+    "n, K, expert width F and top-K renormalisation of a Hugging Face MoE config (Mixtral or Qwen-MoE naming)."
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    F_width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return dict(n_experts=n, top_k=config.num_experts_per_tok, d_ffn=F_width,
+                renormalize=bool(getattr(config, "norm_topk_prob", True)))
+
+class AoEGate(nn.Module):
+    """AoE self-evaluation in a Hugging Face MoE block's `gate` slot. forward(h [N, d]) -> (norms [N, n] fp32 — what
+    `transformers` records as router logits —, weights [N, K] fp32, indices [N, K]); leaves the cache [N, n·r] on
+    `self.cache` for the block's `AoEExperts`. Parameters: w_down [n, d, r]."""
+    def __init__(self, d_model: int, d_low: int, n_experts: int, top_k: int, renormalize: bool = True,
+                 init_std: float = 0.02, impl: str = "auto"):
+        nn.Module.__init__(self)            # not the family router's __init__: no router weight
+        self.hidden_dim, self.num_experts, self.top_k, self.renormalize, self.impl = d_model, n_experts, top_k, renormalize, impl
+        self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_low) * init_std)
+        self.cache = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
+        gate = aoe_gate if triton_path else aoe_gate_reference
+        self.cache, norms, idx, weights, _, _ = gate(x, self.w_down.to(x.dtype), self.top_k, self.renormalize)
+        return norms, weights, idx.long()
+
+@functools.cache
+def _aoe_gate_class(router_class: type) -> type:
+    "AoEGate as a subclass of the family's router class, so the family's router-logit hook records its norms."
+    return type(f"AoE{router_class.__name__}", (AoEGate, router_class), {})
+
+class AoEExperts(nn.Module):
+    """A Hugging Face MoE block's `experts` slot for AoE. forward(h [N, d], indices [N, K], weights [N, K]) -> [N, d]:
+    SwiGLU experts continued from the block's `AoEGate` cache. Parameters: w_up [n, r, D], w_p [n, d, D], w_o [n, D, d]."""
+    def __init__(self, gate: AoEGate, d_model: int, d_wide: int, init_std: float = 0.02, impl: str = "auto"):
+        super().__init__()
+        n, _, r = gate.w_down.shape
+        self._gate = [gate]                 # a reference, not a submodule: its parameters stay under `gate`
+        self.n_experts, self.d_low, self.impl = n, r, impl
+        self.w_up = nn.Parameter(torch.randn(n, r, d_wide) * init_std)
+        self.w_p = nn.Parameter(torch.randn(n, d_model, d_wide) * init_std)
+        self.w_o = nn.Parameter(torch.randn(n, d_wide, d_model) * init_std)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        gate = self._gate[0]
+        cache, gate.cache = gate.cache, None
+        if cache is None or len(cache) != len(hidden_states):
+            raise RuntimeError("AoEExperts continues from the AoE gate's cache: run the block's gate on the same tokens "
+                               "first (the block's forward does)")
+        x, dtype = hidden_states, hidden_states.dtype
+        sort = sort_by_expert(top_k_index, torch.bincount(top_k_index.flatten(), minlength=self.n_experts))
+        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
+        experts = grouped_swiglu if triton_path else grouped_swiglu_reference
+        y_rows = experts(cache.view(-1, self.d_low), x, self.w_up.to(dtype), self.w_p.to(dtype), self.w_o.to(dtype),
+                         sort.tokens * self.n_experts + sort.experts, sort.tokens, sort.offsets)
+        return combine_rows(y_rows, top_k_weights, sort, len(x)).to(dtype)
+
+def swap_moe_for_aoe(model, d_low: int, impl: str = "auto") -> list[nn.Module]:
+    """Turn a Hugging Face sparse-MoE model (Mixtral, Qwen2-MoE, ...) into AoE in place: every block's router and
+    experts become a parameter-matched `AoEGate` + `AoEExperts` (D = aoe_d_wide(d, F, r)); fresh weights, init as the
+    config's `initializer_range`. Returns the blocks. The family's `output_router_logits=True` then gives AoE's
+    balance loss as `aux_loss` (and adds `router_aux_loss_coef` times it to `loss`). Records `aoe_d_low` in the config."""
+    blocks = _moe_blocks(model)
+    c, s = model.config, _moe_sizes(model.config)
+    d_wide = aoe_d_wide(c.hidden_size, s["d_ffn"], d_low)
+    # transformers installs its recording hooks at the first forward (flagged on the inner model)
+    hooked = any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules())
+    for block in blocks:
+        gate = _aoe_gate_class(type(block.gate))(c.hidden_size, d_low, s["n_experts"], s["top_k"], s["renormalize"],
+                                                 c.initializer_range, impl).to(block.gate.weight.device)
+        block.gate, block.experts = gate, AoEExperts(gate, c.hidden_size, d_wide, c.initializer_range, impl).to(gate.w_down.device)
+        if hooked:   # give the new gates theirs
+            try:
+                from transformers.utils.output_capturing import install_output_capuring_hook
+            except ImportError as e:
+                raise RuntimeError("this model has already run a forward, and this transformers version has no "
+                                   "install_output_capuring_hook: swap before the model's first forward") from e
+            install_output_capuring_hook(gate, "router_logits", 0)
+    c.aoe_d_low = d_low
+    return blocks
+
+def save_aoe_moe(model, path):
+    """Save a model made by `swap_moe_for_aoe` under its own parameter names (`save_original_format=False`: no
+    renaming back to the family's legacy checkpoint names, which know nothing of AoE); reload with `load_aoe_moe`."""
+    model.save_pretrained(path, save_original_format=False)
+
+def load_aoe_moe(path, impl: str = "auto"):
+    "A model saved by `save_aoe_moe`: built from its config, swapped, weights loaded (every name must match)."
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    if not hasattr(config, "aoe_d_low"):
+        raise ValueError(f"{path} holds no AoE model (its config has no aoe_d_low): load it with from_pretrained")
+    model = AutoModelForCausalLM.from_config(config)
+    swap_moe_for_aoe(model, config.aoe_d_low, impl)
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: weights do not match the AoE model (saved with save_aoe_moe?): missing "
+                         f"{sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    model.tie_weights()
+    return model.eval()
+
+# %% ../nbs/05_aoe.ipynb #a0e1hf06
+class NormRouter(nn.Module):
+    """A router-free `gate` for a pretrained Hugging Face MoE block: expert i scores a token by ||x W_g,i|| (node="gate")
+    or ||SiLU(x W_g,i) ⊙ x W_p,i|| (node="swiglu"), read from the block's experts. forward(h [N, d]) ->
+    (norms [N, n] fp32, weights [N, K] fp32, indices [N, K]); weights as `gate_weights`."""
+    def __init__(self, experts: nn.Module, top_k: int, node: str = "gate", renormalize: bool = True):
+        nn.Module.__init__(self)
+        if node not in ("gate", "swiglu"): raise ValueError(f"node must be 'gate' or 'swiglu', got {node!r}")
+        self._experts = [experts]           # the experts' weights, not a copy
+        self.top_k, self.node, self.renormalize = top_k, node, renormalize
+        self.num_experts, self.hidden_dim = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        w_gate, w_p = self._experts[0].gate_up_proj.chunk(2, dim=1)          # [n, F, d] each: gate rows first
+        h = torch.einsum("td,efd->tef", x, w_gate.to(x.dtype))
+        if self.node == "swiglu":
+            h = F.silu(h) * torch.einsum("td,efd->tef", x, w_p.to(x.dtype))
+        norms = torch.linalg.vector_norm(h.float(), dim=-1)
+        idx, weights = topk_softmax(norms, self.top_k, self.renormalize)
+        return norms, weights, idx
+
+@functools.cache
+def _norm_router_class(router_class: type) -> type:
+    return type(f"Norm{router_class.__name__}", (NormRouter, router_class), {})
+
+def remove_routers(model, node: str = "gate") -> list[nn.Module]:
+    """The paper's Table 1 swap, in place: every sparse-MoE block of a (pretrained) Hugging Face MoE model loses its
+    router; its experts choose themselves by a node's norm (see `NormRouter`). No training. Returns the new gates."""
+    gates = []
+    for block in _moe_blocks(model):
+        if not hasattr(block.experts, "gate_up_proj"):
+            raise ValueError(f"{type(block.experts).__name__} stores no gate_up_proj [n, 2F, d]; remove_routers reads W_g from it")
+        block.gate = _norm_router_class(type(block.gate))(block.experts, model.config.num_experts_per_tok, node)
+        gates.append(block.gate)
+    return gates

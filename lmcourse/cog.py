@@ -6,12 +6,12 @@ Docs: https://lmcourse.github.io/lmcourse/cog.html.md"""
 
 # %% auto #0
 __all__ = ['LOG2E', 'MIN_HEAD_DIM', 'MAX_HEAD_DIM', 'CPU_BLOCKS', 'DELTA_BLOCK_M', 'cog_attn', 'IOI_NAMES', 'IOI_TEMPLATES',
-           'IOI_PLACES', 'IOI_THINGS', 'signexp', 'cog_attention_weights', 'cog_attention_ref', 'CogAttentionFunction',
-           'cog_attention', 'compile_cases', 'flex_cog_attention', 'benchmark_cog', 'make_attention_fn',
-           'cogformer_attention', 'difference_task', 'OneHeadAttention', 'mse_loss', 'train_difference_task',
-           'ioi_prompts', 'counting_docs', 'lm_corpus', 'CogLMConfig', 'cog_lm_config', 'train_cog_lm', 'cog_layers',
-           'negative_weight_fraction', 'ioi_accuracy', 'oversquashing_probe', 'cog_lm_comparison',
-           'cog_hf_attention_fn', 'register_cog_attention']
+           'IOI_PLACES', 'IOI_THINGS', 'signexp', 'cog_attention_weights', 'cog_attention_ref', 'cog_attention_simple',
+           'CogAttentionFunction', 'cog_attention', 'compile_cases', 'flex_cog_attention', 'benchmark_cog',
+           'make_attention_fn', 'cogformer_attention', 'difference_task', 'OneHeadAttention', 'mse_loss',
+           'train_difference_task', 'ioi_prompts', 'counting_docs', 'lm_corpus', 'CogLMConfig', 'cog_lm_config',
+           'train_cog_lm', 'cog_layers', 'negative_weight_fraction', 'ioi_accuracy', 'oversquashing_probe',
+           'cog_lm_comparison', 'padding_segment_ids', 'cog_hf_attention_fn', 'register_cog_attention']
 
 # %% ../nbs/03_cog.ipynb #240b347b
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .model import AttentionFn, ModelConfig, Transformer, check_qkv, attention_mask, sdpa_attention
-from .testing import (CompileCase, KnownFailure, alloc_output, autotuned, check_dtype, tile_kwargs,
+from .testing import (CompileCase, KnownFailure, alloc_output, autotuned, check_device, check_dtype, tile_kwargs,
                                triton_interpreted)
 
 # %% ../nbs/03_cog.ipynb #d509766b
@@ -67,6 +67,49 @@ def cog_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     check_qkv(q, k, v)
     w = cog_attention_weights(q, k, causal=causal, segment_ids=segment_ids, scale=scale, signed=signed)
     return w @ v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+
+# %% ../nbs/03_cog.ipynb #c0c1sk02
+@triton.jit
+def _cog_fwd_simple_kernel(q, k, v, o, T, qk_scale, D: tl.constexpr, BLOCK: tl.constexpr):
+    "Causal Cog forward for contiguous q, k, v, o [B·H, T, D]: program (i, bh) writes queries i·BLOCK… of head bh."
+    i, bh = tl.program_id(0), tl.program_id(1)
+    base = bh.to(tl.int64) * T * D
+    o_q, o_d = i * BLOCK + tl.arange(0, BLOCK), tl.arange(0, D)
+    b_q = tl.load(q + base + o_q[:, None] * D + o_d[None, :], mask=o_q[:, None] < T, other=0.0)
+    b_m = tl.full([BLOCK], float("-inf"), tl.float32)            # running max of |p| · qk_scale
+    b_l = tl.zeros([BLOCK], tl.float32)                           # running Σ 2^(a - m)
+    b_acc = tl.zeros([BLOCK, D], tl.float32)                      # running Σ sign(p) 2^(a - m) v
+    for j in range(0, (i + 1) * BLOCK, BLOCK):                    # key blocks up to the diagonal
+        o_k = j + tl.arange(0, BLOCK)
+        b_k = tl.load(k + base + o_k[:, None] * D + o_d[None, :], mask=o_k[:, None] < T, other=0.0)
+        b_v = tl.load(v + base + o_k[:, None] * D + o_d[None, :], mask=o_k[:, None] < T, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k))                          # p = q·k, [BLOCK, BLOCK]
+        visible = (o_k[None, :] <= o_q[:, None]) & (o_k[None, :] < T)
+        b_a = tl.where(visible, tl.abs(b_s) * qk_scale, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_a, 1))
+        b_e = tl.exp2(b_a - m_new[:, None])                       # 0 where not visible
+        alpha = tl.exp2(b_m - m_new)
+        b_l = b_l * alpha + tl.sum(b_e, 1)
+        b_p = tl.where(b_s >= 0, b_e, -b_e)                       # sign(p) · 2^(a - m)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = m_new
+    tl.store(o + base + o_q[:, None] * D + o_d[None, :], (b_acc / b_l[:, None]).to(o.dtype.element_ty),
+             mask=o_q[:, None] < T)
+
+LOG2E = 1.4426950408889634   # the kernels use exp2: e^x = 2^(x · log2 e), with log2 e folded into the scale
+
+def cog_attention_simple(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 64) -> torch.Tensor:
+    "Causal Cog attention, forward only, through `_cog_fwd_simple_kernel`. q, k, v [B, H, T, D], D in 16…128, a power of two."
+    B, H, T, D = q.shape
+    if not (k.shape == v.shape == q.shape): raise ValueError(f"q, k, v must share [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if D not in (16, 32, 64, 128): raise ValueError(f"head_dim={D}: the simple kernel takes 16, 32, 64 or 128")
+    if block not in (16, 32, 64, 128): raise ValueError(f"block={block} must be 16, 32, 64 or 128 (tl.dot needs ≥ 16)")
+    check_device(q, k, v, what="cog_attention_simple")
+    check_dtype(q, what="cog_attention_simple")
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    o = alloc_output(q.shape, q.dtype, q.device)
+    _cog_fwd_simple_kernel[(triton.cdiv(T, block), B * H)](q, k, v, o, T, D ** -0.5 * LOG2E, D=D, BLOCK=block)
+    return o
 
 # %% ../nbs/03_cog.ipynb #32247008
 @triton.jit
@@ -136,10 +179,15 @@ def _key_ranges(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 # %% ../nbs/03_cog.ipynb #adc1a17b
 @triton.jit
-def _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, lo, hi,
-                   Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr):
-    "Online normalisation over the key blocks [lo, hi): updates (acc, ℓ, m) of one query block."
+def _cog_fwd_inner(b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
+                   tgt_q, tok_q, p_prev, lo, hi, Tq, Tk, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, SIGNED: tl.constexpr,
+                   HAS_SEG: tl.constexpr, STATS: tl.constexpr = False):
+    """Online normalisation over the key blocks [lo, hi): updates (acc, ℓ, m) of one query block.
+
+    `STATS` (softmax only; the copying chapter): also the unnormalised mass on each query's designated key
+    `tgt_q` (b_hit) and on the keys whose previous token equals the query's token `tok_q` (b_match; the keys'
+    previous tokens at `p_prev`), rescaled with the running max exactly like ℓ."""
     for start_n in range(lo, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k = _load_rows(p_k, o_n, o_d, stride_kt, Tk, HEAD_DIM, BLOCK_D, MASKED)
@@ -150,19 +198,24 @@ def _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_
         b_p = tl.math.exp2(b_a - b_m_ref[:, None])                    # e^{|p| - m}, in base 2
         b_alpha = tl.math.exp2(b_m - b_m_ref)                          # rescales the old ℓ and acc
         b_l = b_l * b_alpha + tl.sum(b_p, 1)                           # the denominator never sees the sign
+        if STATS:                                                      # two more sums of the same p (no T×T kept)
+            prev_k = tl.load(p_prev + o_n, mask=o_n < Tk, other=-2)
+            b_hit = b_hit * b_alpha + tl.sum(tl.where(o_n[None, :] == tgt_q[:, None], b_p, 0.0), 1)
+            b_match = b_match * b_alpha + tl.sum(tl.where(prev_k[None, :] == tok_q[:, None], b_p, 0.0), 1)
         b_p = _apply_sign(b_p, b_s, SIGNED)                            # ... the numerator does
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
-    return b_acc, b_l, b_m
+    return b_acc, b_l, b_m, b_hit, b_match
 
 @triton.jit
 def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32 (base 2); seg [B, Tk] or a dummy
+                    tgt, tok, prev, hit, match,   # STATS only (else dummies): int32 tgt, tok [B, Tq], prev [B, Tk]; fp32 hit, match [B, H, Tq]
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_sb,
                     H, GROUP, Tq, Tk, qk_scale,  # heads, query heads per kv head, lengths, scale·log2(e)
                     q_bucket, k_bucket,            # power-of-2 buckets of Tq, Tk: only the autotuner's key
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr):
+                    CAUSAL: tl.constexpr, SIGNED: tl.constexpr, HAS_SEG: tl.constexpr, STATS: tl.constexpr = False):
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)      # int64: batch/head offsets pass 2³¹ elements
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // GROUP                                                # grouped-query attention
@@ -179,13 +232,21 @@ def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if STATS:                                                          # per query: its designated key, its token
+        tgt_q = tl.load(tgt + i_b * Tq + o_m, mask=o_m < Tq, other=-1)
+        tok_q = tl.load(tok + i_b * Tq + o_m, mask=o_m < Tq, other=-3)
+        b_hit = tl.zeros([BLOCK_M], tl.float32)
+        b_match = tl.zeros([BLOCK_M], tl.float32)
+    else:                                                              # scalars that nothing updates: compiled away
+        tgt_q, tok_q, b_hit, b_match = 0, 0, 0.0, 0.0
+    p_prev = prev + i_b * Tk
     full_end, hi = _key_ranges(m0, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
-                                     0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                                     CAUSAL, SIGNED, HAS_SEG)
-    b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg,
-                                     full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True,
-                                     CAUSAL, SIGNED, HAS_SEG)
+    b_acc, b_l, b_m, b_hit, b_match = _cog_fwd_inner(
+        b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, tgt_q, tok_q,
+        p_prev, 0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, SIGNED, HAS_SEG, STATS)
+    b_acc, b_l, b_m, b_hit, b_match = _cog_fwd_inner(
+        b_acc, b_l, b_m, b_hit, b_match, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, seg_q, p_seg, tgt_q, tok_q,
+        p_prev, full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, SIGNED, HAS_SEG, STATS)
     b_empty = b_l == 0.0                                               # nothing visible: output 0, LSE = +inf
     b_l_safe = tl.where(b_empty, 1.0, b_l)
     b_o = b_acc / b_l_safe[:, None]
@@ -194,6 +255,9 @@ def _cog_fwd_kernel(q, k, v, o, lse, seg,         # tensors; lse [B, H, Tq] fp32
     tl.store(o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_o)
     tl.store(lse + i_bh * Tq + o_m, b_lse, mask=o_m < Tq)
+    if STATS:                                                          # probabilities: divided by the final ℓ
+        tl.store(hit + i_bh * Tq + o_m, b_hit / b_l_safe, mask=o_m < Tq)
+        tl.store(match + i_bh * Tq + o_m, b_match / b_l_safe, mask=o_m < Tq)
 
 # %% ../nbs/03_cog.ipynb #18030448
 @triton.jit
@@ -339,7 +403,6 @@ def _cog_bwd_dq_kernel(q, k, v, do, lse, delta, dq, seg,
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
 
 # %% ../nbs/03_cog.ipynb #7cf95e8a
-LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 CPU_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 DELTA_BLOCK_M = 64          # rows per program of the D = rowsum(dO ∘ O) kernel: memory-bound, one fixed size
@@ -356,7 +419,14 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (12
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (32, 64, 4, 3)])
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
 
+# The forward with induction statistics (STATS, the copying chapter) holds two more fp32 row sums and their masks:
+# its own configs. Measured with the compile test (lmcourse.copying.compile_cases, bf16): (128, 64, 8, 3) and
+# (64, 64, 4, 3) spill 40 B at head dim 128 on sm_80, (64, 128, 4, 3) and (128, 128, 8, 3) spill on sm_90 too;
+# these three are spill-free with wgmma at head dims 64 and 128 on sm_90 and sm_80.
+_STATS_CONFIGS = _configs([(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
+
 _cog_fwd = autotuned(_FWD_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)            # autotuned on a GPU only
+_cog_fwd_stats = autotuned(_STATS_CONFIGS, _TUNE_KEY)(_cog_fwd_kernel)   # the same kernel with STATS=True
 _cog_bwd_dkdv = autotuned(_DKDV_CONFIGS, _TUNE_KEY)(_cog_bwd_dkdv_kernel)
 _cog_bwd_dq = autotuned(_DQ_CONFIGS, _TUNE_KEY)(_cog_bwd_dq_kernel)
 
@@ -397,21 +467,32 @@ def _check_kernel_inputs(q, k, v, causal, scale, segment_ids):
         if segment_ids.device != q.device: raise ValueError("segment_ids must be on the device of q")
 
 # %% ../nbs/03_cog.ipynb #be1de9ef
-def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool):
-    "Launch the forward kernel: returns o [B, H, Tq, D] and the base-2 LSE [B, H, Tq] (fp32)."
+def _cog_forward(q, k, v, seg, causal: bool, scale: float, signed: bool, stats=None):
+    """Launch the forward kernel: returns o [B, H, Tq, D] and the base-2 LSE [B, H, Tq] (fp32).
+
+    `stats` = (target, tokens, prev) int32, contiguous, [B, Tq], [B, Tq], [B, Tk] (softmax only): then it returns
+    o, lse, hit, match with the probability on each query's designated key and its token-matching mass, [B, H, Tq]."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     o = alloc_output((B, H, Tq, D), q.dtype, q.device)
     lse = alloc_output((B, H, Tq), torch.float32, q.device)
+    extra = (lse,) * 5
+    if stats is not None:
+        hit, match = (alloc_output((B, H, Tq), torch.float32, q.device) for _ in range(2))
+        extra = (*stats, hit, match)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)
-    _cog_fwd[grid](q, k, v, o, lse, seg if seg is not None else lse,
-                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                   seg.stride(0) if seg is not None else 0,
-                   H, H // Hkv, Tq, Tk, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-                   HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed,
-                   HAS_SEG=seg is not None, **_blocks(_FWD_CONFIGS, q.device))
-    return o, lse
+    args = (q, k, v, o, lse, seg if seg is not None else lse, *extra,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            seg.stride(0) if seg is not None else 0,
+            H, H // Hkv, Tq, Tk, scale * LOG2E, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+    meta = dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, SIGNED=signed, HAS_SEG=seg is not None,
+                STATS=stats is not None)
+    if stats is None:
+        _cog_fwd[grid](*args, **meta, **_blocks(_FWD_CONFIGS, q.device))
+    else:
+        _cog_fwd_stats[grid](*args, **meta, **_blocks(_STATS_CONFIGS, q.device))
+    return (o, lse) if stats is None else (o, lse, hit, match)
 
 def _cog_backward(q, k, v, o, lse, do, seg, causal: bool, scale: float, signed: bool):
     "Launch the two backward kernels: returns dq, dk, dv (dk, dv summed over each group of query heads)."
@@ -488,7 +569,10 @@ def compile_cases() -> list[CompileCase]:
             for D in (64, 128)]
     other = [CompileCase("hd128", dtype, lambda dtype=dtype: launch(128, dtype), known("hd128", dtype), configs=(0,))
              for dtype in (torch.float16, torch.float32)]
-    return bf16 + other
+    simple = [CompileCase(f"simple hd{D}", torch.bfloat16,
+                          lambda D=D: cog_attention_simple(*(torch.empty(1, 16, 256, D, dtype=torch.bfloat16) for _ in range(3))))
+              for D in (64, 128)]
+    return bf16 + other + simple
 
 # What the compile test measured (Triton 3.9 and 3.6, sm_90 and sm_80) at the autotune configs above: the launches
 # that spill or put bf16 dots on mma.sync today. Issue 11 retunes or prunes the configs; a fix that leaves its entry
@@ -811,6 +895,25 @@ def _check_hf_arguments(dropout: float, kwargs: dict):
             raise NotImplementedError(f"Cog attention does not implement {what}: got {name}={kwargs[name]!r}; "
                                       "pad the batch instead of packing it, or use a model without this feature")
 
+def padding_segment_ids(attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor | None:
+    """Segment ids [B, Tk] int32 (0: a real token, 1: padding) equivalent to a `transformers` mask [B, 1, Tq, Tk]
+    (boolean, or additive with 0 = allowed) that is "causal (bottom-right aligned) and not padding" on every real
+    query row; None for any other mask (the caller must then apply the mask itself)."""
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if allowed.dim() != 4 or not (allowed == allowed[:, :1]).all():   # one mask for every head
+        return None
+    allowed = allowed[:, 0]
+    _, Tq, Tk = allowed.shape
+    if Tq > Tk: return None
+    key_valid = allowed.any(dim=1)                                    # [B, Tk]: keys some query may see
+    expected = key_valid[:, None, :].expand_as(allowed)
+    if causal:   # query i sits at key position Tk - Tq + i
+        expected = expected & torch.ones(Tq, Tk, dtype=torch.bool, device=allowed.device).tril(Tk - Tq)
+    query_valid = key_valid[:, Tk - Tq:]
+    if not torch.equal(allowed[query_valid], expected[query_valid]):
+        return None
+    return (~key_valid).to(torch.int32)
+
 def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
     """A `transformers` attention function `fn(module, query, key, value, attention_mask, scaling=None, ...)`.
 
@@ -828,9 +931,11 @@ def cog_hf_attention_fn(layout: str = "cogformer", backend: str = "auto"):
         else:
             signed = layout == "cog"
         causal = getattr(module, "is_causal", True)
-        if attention_mask is None:              # transformers dropped the mask: causality is ours to apply
-            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=None, scale=scaling)
-        else:
+        segments = None if attention_mask is None else padding_segment_ids(attention_mask, causal)
+        if attention_mask is None or segments is not None:   # no mask (causality is ours to apply), or padding
+            out = kernels[signed](query, key, value, causal=causal and query.shape[2] > 1, segment_ids=segments,
+                                  scale=scaling)
+        else:                                   # any other mask: the reference with that mask, O(T²) memory
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             group = query.shape[1] // key.shape[1]
             k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)

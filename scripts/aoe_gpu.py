@@ -22,7 +22,7 @@ def bench(budget):
 def full(budget, seed: int = 0):
     "AoE and router-MoE LMs at the full size (LM_SIZES['full']), one seed."
     size = dict(LM_SIZES["full"])
-    data = lm_data(size)
+    data = lm_data(size)                     # (tokenizer, get_batch, train tokens): one corpus for both models
     runs = [lm_run(kind, size, seed=seed, data=data, progress=True) for kind in ("aoe", "moe")]
     print(save_result("aoe", f"lm_seed{seed}", {"runs": runs}))
     return [{"metric": f"{r['kind']} final val loss, seed {seed}", "measured": round(r["final_val_loss"], 4),

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcourse.cog import (cog_attention, cog_attention_ref, cog_hf_attention_fn, cogformer_attention,
-                          make_attention_fn, negative_weight_fraction, register_cog_attention, signexp,
+from lmcourse.cog import (cog_attention, cog_attention_ref, cog_attention_simple, cog_hf_attention_fn, cogformer_attention,
+                          make_attention_fn, negative_weight_fraction, padding_segment_ids, register_cog_attention, signexp,
                           train_difference_task)
 from lmcourse.data import Batch
 from lmcourse.model import ModelConfig, Transformer, eager_attention, patch, sdpa_attention
@@ -270,6 +270,76 @@ def test_transformers_attention_interface():
     # every-layer Cog through the kernel equals every-layer Cog through the reference
     assert_close(logits(register_cog_attention("cog_all_triton", layout="cog", backend="triton")),
                  logits(register_cog_attention("cog_all_ref", layout="cog", backend="reference")), 1e-4)
+
+
+# -- the thirty-line kernel --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,block", [(1, 16, 16), (37, 32, 16), (150, 64, 64), (300, 128, 64), (129, 64, 128)])
+def test_simple_kernel_matches_reference(T, D, block):
+    "Ragged T, several key blocks, the GPU's block sizes, logits large enough that the running max of |p| matters."
+    (q, k, v), seed = random_tensors([(2, 2, T, D)] * 3, device=DEVICE)
+    check_against_reference(lambda q, k, v: cog_attention_simple(q * 6, k, v, block),
+                            lambda q, k, v: cog_attention_ref(q * 6, k, v), [q, k, v], grad=False, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE), ids=str)
+def test_simple_kernel_dtypes(dtype):
+    (q, k, v), seed = random_tensors([(1, 3, 70, 64)] * 3, device=DEVICE, dtype=dtype)
+    check_against_reference(lambda q, k, v: cog_attention_simple(q, k, v, 32), cog_attention_ref, [q, k, v],
+                            grad=False, seed=seed)
+
+
+def test_simple_kernel_rejects_bad_input():
+    q = torch.randn(1, 2, 8, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim=48"):
+        cog_attention_simple(q, q, q)
+    q = torch.randn(1, 2, 8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="block=8"):
+        cog_attention_simple(q, q, q, block=8)
+    with pytest.raises(ValueError, match="share"):
+        cog_attention_simple(q, q[:, :1], q)
+
+
+def test_padding_masks_become_segments():
+    causal = torch.ones(5, 7, dtype=torch.bool).tril(2)                      # Tq = 5 queries at key positions 2..6
+    mask = causal.expand(3, 1, 5, 7).clone()
+    mask[0, ..., :2] = False                                                  # left padding: two pads
+    mask[1, ..., 6] = False                                                   # right padding: the last key
+    mask[1, :, 4] = causal[4] & (torch.arange(7) < 6)                         # its pad query row as transformers builds it
+    seg = padding_segment_ids(mask)
+    assert seg.tolist() == [[1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1], [0] * 7]
+    additive = torch.zeros(3, 1, 5, 7).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(padding_segment_ids(additive), seg)
+    other = mask.clone(); other[2, 0, 3, 1] = False                           # a hole no padding explains
+    assert padding_segment_ids(other) is None
+    assert padding_segment_ids(torch.ones(3, 1, 5, 7, dtype=torch.bool)) is None            # not causal
+    assert padding_segment_ids(torch.ones(3, 1, 5, 7, dtype=torch.bool), causal=False).eq(0).all()
+
+
+def test_transformers_left_padding_goes_through_the_kernel(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import lmcourse.cog as cog_module
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation(register_cog_attention("cog_test_pad", layout="cog", backend="triton"))
+    ids = torch.randint(1, 128, (2, 17))
+    pads = 4
+    left = torch.cat([torch.zeros(2, pads, dtype=ids.dtype), ids], 1)
+    mask = torch.ones_like(left); mask[0, :pads] = 0; mask[1, :pads - 1] = 0  # two lengths of padding
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    calls = []
+    signexp_ref = cog_module.signexp
+    monkeypatch.setattr(cog_module, "signexp", lambda *a, **k: calls.append(1) or signexp_ref(*a, **k))
+    with torch.no_grad():
+        padded = model(left, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids).logits
+        alone1 = model(left[1:, pads - 1:]).logits                           # row 1: one pad less
+    assert not calls, "a padding mask took the O(T²) reference path"
+    assert_close(padded[0, pads:], alone[0], 1e-4)
+    assert_close(padded[1, pads - 1:], alone1[0], 1e-4)
 
 
 def test_transformers_arguments_the_kernel_lacks_raise():
