@@ -871,7 +871,8 @@ def benchmark_qk(lengths=(32768, 131072), batch: int = 1, n_heads: int = 32, n_k
 # %% ../nbs/01_polarquant.ipynb #764ebaec
 class PolarKeyCache:
     """One layer's cache: keys as PolarKeys blocks + a full-precision tail (< G tokens), values in full precision
-    in a preallocated buffer that doubles when full (no copy of every value at every step)."""
+    in a preallocated buffer that grows by an eighth, at least 8 blocks, when full (no copy of every value at
+    every step; at most 12.5% or 8·G tokens of spare room, where doubling would hold up to twice the values)."""
     def __init__(self, radius_bits: int = 4, angle_bits: int = 4, group_size: int = 128, layout: str = "half"):
         _check_bits(radius_bits, angle_bits)
         rope_pairs(2, layout)                                            # validates the layout name
@@ -892,7 +893,7 @@ class PolarKeyCache:
     def _append_values(self, v: torch.Tensor):
         need = self._len + v.shape[2]
         if self._value_buffer is None or need > self._value_buffer.shape[2]:
-            capacity = max(need, 2 * self._len, self.group_size)
+            capacity = need + max(8 * self.group_size, need // 8)
             buffer = v.new_empty(*v.shape[:2], capacity, v.shape[3])
             if self._len: buffer[:, :, :self._len] = self.values
             self._value_buffer = buffer
