@@ -847,7 +847,8 @@ def benchmark_decode(batch_sizes=(1, 8), lengths=(4096, 8192, 16384, 32768, 6553
 def benchmark_qk(lengths=(32768, 131072), batch: int = 1, n_heads: int = 32, n_kv_heads: int = 8, head_dim: int = 128,
                  group_size: int = 128) -> dict:
     """The paper's comparison (GPU only): the lookup-table q·K kernel (`polar_qk_logits`, 4/4 and 3/3) against a
-    bf16 q·Kᵀ (cuBLAS, one query token, GQA), rows per (L, provider) with ms quantiles, bytes read and byte floors."""
+    bf16 q·Kᵀ (cuBLAS, one query token, GQA), rows per (L, provider) with ms quantiles, bytes moved (keys read,
+    logits written) and byte floors."""
     from lmcourse.bench import bench_ms, device_spec
     spec, B, H, D, group = device_spec(), batch, n_kv_heads, head_dim, n_heads // n_kv_heads
     rows = []
@@ -857,9 +858,10 @@ def benchmark_qk(lengths=(32768, 131072), batch: int = 1, n_heads: int = 32, n_k
         k = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         pks = {bits: polar_quantize_triton(k, bits, bits, group_size) for bits in (4, 3)}
         q_grouped = q.view(B, H, group, D)
-        providers = {"bf16 q.K^T (cuBLAS)": (lambda: q_grouped @ k.transpose(-1, -2), k.numel() * 2),
-                     "polar q.K 4/4": (lambda: polar_qk_logits(q, pks[4]), pks[4].nbytes()),
-                     "polar q.K 3/3": (lambda: polar_qk_logits(q, pks[3]), pks[3].nbytes())}
+        logits = B * n_heads * L                                # written: bf16 by cuBLAS, fp32 by ours
+        providers = {"bf16 q.K^T (cuBLAS)": (lambda: q_grouped @ k.transpose(-1, -2), k.numel() * 2 + logits * 2),
+                     "polar q.K 4/4": (lambda: polar_qk_logits(q, pks[4]), pks[4].nbytes() + logits * 4),
+                     "polar q.K 3/3": (lambda: polar_qk_logits(q, pks[3]), pks[3].nbytes() + logits * 4)}
         for name, (fn, moved) in providers.items():
             t = bench_ms(fn)
             rows.append({"L": L, "provider": name, "ms": t["median"], "ms_p20": t["p20"], "ms_p80": t["p80"], "bytes": moved,
