@@ -15,9 +15,10 @@ from lmcourse.polarquant import (MIN_DECODE_GROUP, PolarKeyCache, PolarKeys, Pol
                                  decode_attention, evaluate_key_quantizers, from_polar, int_quantize_per_token,
                                  key_bits_per_element, kivi_quantize_keys, polar_decode_attention,
                                  polar_decode_attention_reference, polar_dequantize, polar_logits, polar_max_step_error,
-                                 polar_quantize, polar_quantize_triton, structured_keys, to_polar)
+                                 polar_qk_logits, polar_quantize, polar_quantize_triton, key_cache, structured_keys,
+                                 to_polar)
 from lmcourse.testing import (assert_close, fresh_seed, gpu_tiles, kernel_device, kernel_dtypes, poisoned_outputs,
-                              random_tensors)
+                              random_tensors, tolerance)
 
 DEV = kernel_device()
 
@@ -219,14 +220,58 @@ def test_bf16_decode_kernel_matches_eager(B, H, Hq, L, D, splits, dtype):
 ])
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
-def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, D, bits, layout):
+@pytest.mark.parametrize("queries", ["random", "structured"])    # spread softmax; large logits, concentrated softmax
+def test_polar_decode_kernel_matches_reference(B, H, Hq, n_blocks, tail, G, splits, D, bits, layout, queries):
     seed = fresh_seed()
     keys = _keys(B, H, n_blocks * G + tail, D, seed, layout)
     (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, n_blocks * G + tail, D)], seed=seed)
+    if queries == "structured": q = _keys(B, Hq, 1, D, seed + 1, layout)
     pk = polar_quantize_triton(keys[:, :, :n_blocks * G], *bits, G, layout)
     with poisoned_outputs():
         out = polar_decode_attention(q, pk, keys[:, :, n_blocks * G:], v, num_splits=splits)
-    assert_close(out, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
+    assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, n_blocks * G:].double(), v.double()), seed=seed)
+
+
+@pytest.mark.gpu
+def test_polar_decode_16bit_scores_keep_fp32_keys():
+    """fp16 queries, structured (large logits): rounding the rebuilt keys to fp16 for the score dot gives ~1e-2 output
+    error, over the fp16 tolerance; the kernel's hi + lo split keeps the keys to fp32 accuracy."""
+    seed = fresh_seed()
+    keys = structured_keys(2 * 128 + 9, 128, n_heads=2, seed=seed % 1000).half().to(DEV)
+    q = structured_keys(1, 128, n_heads=8, seed=seed % 1000 + 1).half().to(DEV)
+    (v,), _ = random_tensors([(1, 2, keys.shape[2], 128)], dtype=torch.float16, seed=seed)
+    pk = polar_quantize_triton(keys[:, :, :256], 4, 4, 128)
+    with poisoned_outputs():
+        out = polar_decode_attention(q, pk, keys[:, :, 256:], v, num_splits=2)
+    assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, 256:].double(), v.double()),
+                 tol=tolerance(torch.float16), seed=seed)
+
+
+@pytest.mark.parametrize("B,H,Hq,N,G,D,bits,block_t", [
+    (2, 2, 6, 3, 32, 64, (3, 5), None),          # GQA 3, n != m, batch 2
+    (1, 1, 4, 2, 16, 128, (5, 3), None),         # head dim 128
+    (1, 2, 2, 2, 128, 64, (4, 4), 32),           # the GPU's G and token tile: 4 tiles per block
+    (1, 1, 1, 1, 16, 32, (2, 6), 64),            # tile larger than the block: clipped to G
+])
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_polar_qk_kernel_matches_float64(B, H, Hq, N, G, D, bits, block_t, layout, dtype):
+    seed = fresh_seed()
+    pk = polar_quantize_triton(_keys(B, H, N * G, D, seed, layout, dtype), *bits, G, layout)
+    q = _keys(B, Hq, 1, D, seed + 1, layout, dtype)
+    with poisoned_outputs():
+        out = polar_qk_logits(q, pk, block_t=block_t)
+    assert out.dtype == torch.float32 and out.shape == (B, Hq, 1, N * G)
+    assert_close(out, polar_logits(q.double(), pk), tol=tolerance(torch.float32), seed=seed)
+
+
+def test_polar_qk_kernel_rejects_bad_inputs():
+    pk = polar_quantize(torch.randn(1, 2, 32, 32, device=DEV), 4, 4, 16)
+    with pytest.raises(ValueError, match="one query token"): polar_qk_logits(torch.randn(1, 2, 2, 32, device=DEV), pk)
+    with pytest.raises(ValueError, match="multiple"): polar_qk_logits(torch.randn(1, 3, 1, 32, device=DEV), pk)
+    odd = polar_quantize(torch.randn(1, 2, 24, 32, device=DEV), 4, 4, 24)
+    with pytest.raises(ValueError, match="power-of-two"): polar_qk_logits(torch.randn(1, 2, 1, 32, device=DEV), odd)
 
 
 @pytest.mark.gpu
@@ -432,18 +477,131 @@ def test_hf_cache_batch_select_and_reset():
 
 def test_evaluate_key_quantizers(tiny_model):
     tokens = torch.randint(0, 64, (2, 96))
-    out = evaluate_key_quantizers(tiny_model, tokens, residual=32, group_size=16)
+    out = evaluate_key_quantizers(tiny_model, tokens, residual=28, group_size=16)
     targets = torch.full_like(tokens, -100)
-    targets[:, -32:-1] = tokens[:, -31:]
-    assert out["n_quantized"] == 64
-    assert abs(out["loss"]["bf16"] - tiny_model(tokens, targets)[1].item()) < 1e-5
+    targets[:, -28:-1] = tokens[:, -27:]
+    assert (out["n_prefill"], out["n_quantized"]) == (68, 64)          # 4 whole blocks of the 68-token prefill
+    assert abs(out["loss"]["bf16"] - tiny_model(tokens, targets)[1].item()) < 1e-5   # an exact cache = one pass
+    assert out["next-token kl"]["bf16"] == 0.0 and min(out["next-token kl"][n] for n in out["loss"] if n != "bf16") > 0
     assert max(out["attention"]["bf16"]["kl"]) == 0.0 and min(out["attention"]["polar 3/3"]["kl"]) > 0
     assert len(out["attention"]["kivi 4-bit"]["output"]) == 2
+    assert isinstance(key_cache("polar 3/3", tiny_model, 16), PolarKVCache)
+    assert key_cache("polar 3/3", tiny_model, 16).layers[0].radius_bits == 3
     with pytest.raises(ValueError, match="no whole block"):
         evaluate_key_quantizers(tiny_model, tokens[:, :40], residual=32, group_size=16)
+
+
+def test_protocol_prefill_is_exact(tiny_model):
+    "The prefill attends to exact keys whatever the quantizer; the chunk after it sees old blocks through the quantizer."
+    tokens = torch.randint(0, 64, (2, 40))
+    exact = tiny_model(tokens)[0]
+    zeros = ReconstructedKVCache(2, group_size=8, quantize=torch.zeros_like)     # a quantizer that destroys keys
+    prefill = tiny_model(tokens[:, :30], cache=zeros)[0]
+    assert_close(prefill, exact[:, :30], tol=1e-5)
+    chunk = tiny_model(tokens[:, 30:], cache=zeros)[0]
+    assert (chunk - exact[:, 30:]).abs().max() > 1e-3                        # keys 0 … 23 (3 blocks) were zeroed
+    keys = zeros.update(0, *(torch.zeros(2, 2, 1, 16),) * 2)[0]                # what a next step would see in layer 0
+    assert keys[:, :, :40].abs().sum() == 0 and keys[:, :, 40:].abs().sum() == 0 and keys.shape[2] == 41
 
 
 def test_polar_keys_shapes():
     pk = polar_quantize(torch.randn(2, 3, 64, 16), 4, 4, 16)
     assert isinstance(pk, PolarKeys) and pk.shape == (2, 3, 64, 16)
     assert pk.codes.shape == (2, 3, 4, 16, 8) and pk.rho_min.shape == (2, 3, 4, 8)
+
+
+def test_value_buffer_grows_without_copying_every_step():
+    store = PolarKeyCache(4, 4, group_size=16)
+    (k, v), _ = random_tensors([(2, 2, 300, 32), (2, 2, 300, 32)], device="cpu")
+    capacities = []
+    store.append(k[:, :, :5], v[:, :, :5])
+    for t in range(5, 300):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        if not capacities or store._value_buffer.shape[2] != capacities[-1]: capacities.append(store._value_buffer.shape[2])
+        assert store._value_buffer.shape[2] <= store.seq_len + max(8 * 16, store.seq_len // 8) + 1   # bounded spare room
+    assert torch.equal(store.values, v) and store.seq_len == 300
+    assert capacities == [133, 262, 391]                                  # 3 buffers for 295 appends
+    store.index_batch(torch.tensor([1]))
+    assert torch.equal(store.values, v[1:]) and store.nbytes()["values"] == 2 * 391 * 32 * 4
+
+
+def _hf_fused_pair(config):
+    "The same random-init Llama twice: with HF's SDPA, and with the registered PolarQuant attention."
+    import copy
+    from transformers import LlamaForCausalLM
+    from lmcourse.polarquant import register_polar_attention
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval().to(DEV)
+    fused = copy.deepcopy(reference)
+    fused.set_attn_implementation(register_polar_attention())
+    return reference, fused
+
+
+def test_hf_fused_decode_matches_independent_reference(monkeypatch):
+    """HF decode through the fused kernel (PolarQuantCache(fused=True) + polar_hf_attention) against a reference
+    written apart: exact keys in a DynamicLayer, every complete block (the current step's included, as the fused
+    cache quantizes it before attending) through polar_quantize -> polar_dequantize, HF's own SDPA."""
+    from transformers import LlamaConfig
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class FusedSemanticsLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            past = self.get_seq_length()
+            keys, values = super().update(key_states, value_states)
+            n_old = (past + 1) // 16 * 16 if key_states.shape[2] == 1 and past else past // 16 * 16
+            old = polar_dequantize(polar_quantize(keys[:, :, :n_old], 3, 5, 16), keys.dtype)
+            return torch.cat([old, keys[:, :, n_old:]], 2), values
+
+    config = LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=128, head_dim=32)       # GQA 3, head dim 32
+    reference, fused = _hf_fused_pair(config)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(fresh_seed() % 2 ** 31)).to(DEV)
+    ref_cache, fused_cache = Cache(layer_class_to_replicate=FusedSemanticsLayer), PolarQuantCache(config, 3, 5, 16, fused=True)
+    with torch.no_grad():
+        for model, cache in ((reference, ref_cache), (fused, fused_cache)):
+            model(tokens[:, :21], past_key_values=cache, use_cache=True)              # prefill: 1 block + 5 exact keys
+        def no_dequantize(*args, **kwargs): raise AssertionError("a fused decode step rebuilt the keys")
+        for t in range(21, 40):                                                       # 19 steps: completes blocks 2 and 3
+            step = dict(input_ids=tokens[:, t:t + 1], use_cache=True)
+            expected = reference(**step, past_key_values=ref_cache).logits
+            with monkeypatch.context() as m:                                          # the fast path reads the codes
+                m.setattr("lmcourse.polarquant.polar_dequantize", no_dequantize)
+                actual = fused(**step, past_key_values=fused_cache).logits
+            assert_close(actual, expected, name=f"step {t}")
+    layer = fused_cache.layers[1].store
+    assert (layer.polar.seq_len, layer.tail.shape[2], layer.seq_len) == (32, 8, 40)
+
+
+def test_hf_fused_attention_falls_back_when_the_mask_hides_keys():
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from lmcourse.polarquant import polar_hf_attention
+    store = PolarKeyCache(4, 4, group_size=16)
+    (k, v, q), seed = random_tensors([(2, 2, 37, 32), (2, 2, 37, 32), (2, 4, 1, 32)])
+    store.store(k, v)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    mask = torch.ones(2, 1, 1, 37, dtype=torch.bool, device=q.device)
+    mask[0, :, :, :3] = False                                                   # row 0 left-padded by 3
+    out, _ = polar_hf_attention(module, q, store, store.values, mask, scaling=0.3)
+    assert_close(out, sdpa_attention_forward(module, q, store.keys(), store.values, mask, scaling=0.3)[0], seed=seed)
+    full, _ = polar_hf_attention(module, q, store, store.values, None, scaling=0.3)   # no mask: the fused kernel
+    assert_close(full, eager_attention(q, store.keys(), store.values, scale=0.3).transpose(1, 2), seed=seed)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        polar_hf_attention(module, q, store, store.values, None, dropout=0.1)
+    with pytest.raises(ValueError, match="group_size >= 16"):
+        PolarQuantCache(SimpleNamespace(get_text_config=lambda decoder: SimpleNamespace(num_hidden_layers=1)), group_size=8, fused=True)
+
+
+def test_hf_cache_against_exact_keys():
+    "Independent of polar_quantize: after an HF prefill, the cache holds DynamicCache's exact values and tail, and blocks within half a step of its exact keys."
+    from transformers import DynamicCache
+    config, model = _tiny_llama()
+    prompt = torch.randint(0, 128, (2, 21))
+    exact, polar = DynamicCache(config=config), PolarQuantCache(config, 3, 5, group_size=8)
+    with torch.no_grad():
+        for cache in (exact, polar):
+            model(prompt, past_key_values=cache, use_cache=True)
+    for layer, exact_layer in zip(polar.layers, exact.layers):
+        store, k = layer.store, exact_layer.keys
+        assert torch.equal(store.tail, k[:, :, 16:]) and torch.equal(store.values, exact_layer.values)
+        assert store.polar.seq_len == 16 and max(polar_max_step_error(k[:, :, :16], store.polar)) <= 0.5 + 1e-4
