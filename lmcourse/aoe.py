@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .model import ModelConfig, Transformer
-from .testing import CompileCase, KnownFailure, alloc_output, use_gpu_tiles
+from .testing import CompileCase, alloc_output, use_gpu_tiles
 
 # %% ../nbs/05_aoe.ipynb #f2b5b805
 def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
@@ -485,8 +485,13 @@ def _grouped_weight_grad_kernel(
     tl.store(p_dw, b_acc.to(dw_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
 
 # %% ../nbs/05_aoe.ipynb #e5f48c2e
-def _grouped_blocks(device: torch.device) -> dict:
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64) if use_gpu_tiles(device) else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+def _grouped_blocks(device: torch.device, fused: bool = False) -> dict:
+    """Tiles of the grouped kernels: on a GPU 64 rows × 128 columns, 64-deep reductions. `fused` launches — the SwiGLU
+    forward (two [64, 128] fp32 accumulators) and the matmul with the SwiGLU-backward epilogue — run on 8 warps: on
+    4 they spilled 216–1328 bytes a thread at the fine-grained shape (the compile test)."""
+    if not use_gpu_tiles(device):
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, **({"num_warps": 8} if fused else {}))
 
 def tile_schedule(offsets: torch.Tensor, n_rows: int, block_m: int):
     """Tiles of `block_m` sorted rows, none straddling two experts, built on the device (no host sync).
@@ -566,7 +571,8 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         grid = (len(sched[0]), triton.cdiv(D, blocks["BLOCK_N"]))
         _grouped_swiglu_fwd_kernel[grid](z, x, w_gate, w_p, h, a, b, z_rows, x_rows, *sched, offsets, R, d, D, n,
                                          z.stride(0), x.stride(0), w_gate.stride(0), w_gate.stride(1),
-                                         w_p.stride(0), w_p.stride(1), h.stride(0), SAVE_PRE=save_pre, **blocks)
+                                         w_p.stride(0), w_p.stride(1), h.stride(0), SAVE_PRE=save_pre,
+                                         **_grouped_blocks(x.device, fused=True))
         y = _grouped_matmul(h, w_o, sched, offsets, d, blocks)
         ctx.save_for_backward(z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets, h, a, b, *sched)
         return y
@@ -576,7 +582,8 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         z, x, w_gate, w_p, w_o, z_rows, x_rows, offsets, h, a, b, *sched = ctx.saved_tensors
         n, blocks = w_gate.shape[0], _grouped_blocks(x.device)
         dy = dy.contiguous().to(x.dtype)
-        da, db = _grouped_matmul(dy, w_o.transpose(1, 2), sched, offsets, h.shape[1], blocks, swiglu_pre=(a, b))
+        da, db = _grouped_matmul(dy, w_o.transpose(1, 2), sched, offsets, h.shape[1], _grouped_blocks(x.device, fused=True),
+                                 swiglu_pre=(a, b))
         dz_rows = _grouped_matmul(da, w_gate.transpose(1, 2), sched, offsets, z.shape[1], blocks)
         dx_rows = _grouped_matmul(db, w_p.transpose(1, 2), sched, offsets, x.shape[1], blocks)
         # several sorted rows can read the same z / x row (MoE: K rows per token): accumulate in fp32
@@ -619,35 +626,15 @@ def compile_cases() -> list[CompileCase]:
         y = grouped_swiglu(z, x, w_up, w_p, w_o, sort.tokens * n + sort.experts, sort.tokens, sort.offsets)
         y.backward(torch.empty_like(y))
 
-    def known(label, dtype):
-        name = str(dtype).removeprefix("torch.")
-        return [KnownFailure(12, f"spills registers at the GPU block sizes ({spill})", kernel, where, targets, tritons)
-                for dtypes, case, kernel, where, targets, tritons, spill in _KNOWN_COMPILE_FAILURES
-                if case == label and name in dtypes]
-
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype), known(f"gate {name}", dtype))
+        cases += [CompileCase(f"gate {name}", dtype, lambda s=s, dtype=dtype: gate(s, dtype))
                   for name, s in BENCH_SHAPES.items()]
-        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype),
-                                 known("experts fine-grained", dtype)))
+        cases.append(CompileCase("experts fine-grained", dtype, lambda dtype=dtype: experts(BENCH_SHAPES["fine-grained"], dtype)))
     # the MegaBlocks gate (renormalize=False) once: its forward and backward differ from the default only in the epilogue
     cases.append(CompileCase("gate fine-grained megablocks", torch.bfloat16,
-                             lambda: gate(BENCH_SHAPES["fine-grained"], torch.bfloat16, renormalize=False),
-                             known("gate fine-grained megablocks", torch.bfloat16)))
+                             lambda: gate(BENCH_SHAPES["fine-grained"], torch.bfloat16, renormalize=False)))
     return cases
-
-# What the compile test measured (Triton 3.9 on sm_90 and sm_80, 3.6 on sm_90; the 3.6 sm_80 entries are from before
-# D = 1056 and the int64 gate offsets, not re-measured): the compiles that spill today. Issue 12 retunes
-# the kernels; a fix that leaves its entry here fails the test (strict xfail), so delete the entry with the fix.
-# (dtypes, case, kernel, constexprs that single out the launch, targets, Triton versions, spilled bytes a thread)
-_BF16_FP16, _ALL = ("bfloat16", "float16"), ("bfloat16", "float16", "float32")
-_KNOWN_COMPILE_FAILURES = [
-    (_BF16_FP16, "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_90", "sm_80"), ("3.9", "3.6"), "216-1064 B"),
-    (("float32",), "experts fine-grained", "_grouped_swiglu_fwd_kernel", {}, ("sm_80",), ("3.9", "3.6"), "216-1064 B"),
-    (_ALL, "experts fine-grained", "_grouped_matmul_kernel", {"SWIGLU_BWD": True, "stride_wk": 1}, ("sm_90", "sm_80"),
-     ("3.9", "3.6"), "568-1328 B"),
-]
 
 # %% ../nbs/05_aoe.ipynb #e8f032b8
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

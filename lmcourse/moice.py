@@ -374,12 +374,14 @@ def _mea_fwd_kernel(q, k, v, g, o, o_acc, lse, oe,  # q [B, H, N, Tq, D], k [B, 
         b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         b_l = tl.zeros([BLOCK_M], tl.float32)
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, HEAD_DIM, stride_vt, o_m, o_d, o_m, p_v,
-                                         0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                                         CAUSAL, False, False)
-        b_acc, b_l, b_m = _cog_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, HEAD_DIM, stride_vt, o_m, o_d, o_m, p_v,
-                                         full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True,
-                                         CAUSAL, False, False)
+        # the Cog chapter's inner loop in softmax mode, without segments or the copying chapter's statistics (the
+        # two 0.0 row sums and the 0 / p_v arguments are its STATS inputs, unused with STATS off)
+        b_acc, b_l, b_m, _, _ = _cog_fwd_inner(b_acc, b_l, b_m, 0.0, 0.0, b_q, p_k, p_v, HEAD_DIM, stride_vt, o_m, o_d,
+                                               o_m, p_v, 0, 0, p_v, 0, full_end, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM,
+                                               BLOCK_D, False, CAUSAL, False, False)
+        b_acc, b_l, b_m, _, _ = _cog_fwd_inner(b_acc, b_l, b_m, 0.0, 0.0, b_q, p_k, p_v, HEAD_DIM, stride_vt, o_m, o_d,
+                                               o_m, p_v, 0, 0, p_v, full_end, hi, Tq, Tk, qk_scale, BLOCK_N, HEAD_DIM,
+                                               BLOCK_D, True, CAUSAL, False, False)
         b_oj = b_acc / b_l[:, None]                    # A_j (bottom-right causal: every real row sees a key)
         o_row = (i_bh * N + j) * Tq + o_m
         tl.store(lse + o_row, b_m + tl.math.log2(b_l), mask=m_row)

@@ -14,7 +14,7 @@ from lmcourse.cog import (cog_attention, cog_attention_ref, cog_attention_simple
 from lmcourse.data import Batch
 from lmcourse.model import ModelConfig, Transformer, eager_attention, patch, sdpa_attention
 from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, gpu_config_count, gpu_tiles,
-                              kernel_device, kernel_dtypes, random_tensors)
+                              kernel_device, kernel_dtypes, random_tensors, rel_error, tolerance)
 
 DEVICE = kernel_device()
 
@@ -107,9 +107,14 @@ def _check(B, H, Hkv, Tq, Tk, D, causal=True, signed=True, segments=False, zeros
         k[:, :, 1::7] = 0
     g = torch.Generator().manual_seed(seed)
     seg = torch.randint(0, 3, (B, Tk), generator=g).sort(-1).values.to(DEVICE) if segments else None
+    reference = lambda q, k, v: cog_attention_ref(q, k, v, causal, scale, segment_ids=seg, signed=signed)
+    if tol is None and dtype == torch.float32:
+        # Cog's signed sums cancel: on some draws any fp32 evaluation loses digits (seen: PyTorch's own fp32 reference
+        # at 4.5e-5 against float64). Allow twice what that reference loses on these inputs, never less than fp32's.
+        lost = rel_error(reference(q, k, v), reference(q.double(), k.double(), v.double()))
+        tol = max(tolerance(dtype, DEVICE), 2 * lost)
     return check_against_reference(
-        lambda q, k, v: cog_attention(q, k, v, causal, scale, signed, segment_ids=seg),
-        lambda q, k, v: cog_attention_ref(q, k, v, causal, scale, segment_ids=seg, signed=signed),
+        lambda q, k, v: cog_attention(q, k, v, causal, scale, signed, segment_ids=seg), reference,
         [q, k, v], grad=grad, tol=tol, grad_tol=tol, seed=seed)
 
 
