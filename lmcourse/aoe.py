@@ -653,31 +653,40 @@ def routing_stats(scores: torch.Tensor, counts: torch.Tensor, prob_sum: torch.Te
         load_entropy = -(load * torch.log(load.clamp_min(1e-30))).sum()
     return dict(balance_loss=n * (f * P).sum(), load_entropy=load_entropy, selection_entropy=selection_entropy)
 
+_IMPLS = ("auto", "triton", "torch", "grouped_mm")
+
+def _check_impl(impl: str) -> str:
+    if impl not in _IMPLS: raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'grouped_mm'; got {impl!r}")
+    return impl
+
+def _impl_path(impl: str, x: torch.Tensor) -> str:
+    "The path a layer with `impl` takes on x: 'auto' is Triton on a GPU and PyTorch on a CPU (the interpreter is slow)."
+    return ("triton" if x.is_cuda else "torch") if impl == "auto" else impl
+
+def _experts_fn(path: str):
+    "The grouped-SwiGLU implementation of a path (all share `grouped_swiglu`'s contract)."
+    return {"triton": grouped_swiglu, "torch": grouped_swiglu_reference, "grouped_mm": _grouped_mm_experts}[path]
+
 class _SparseSwiGLU(nn.Module):
     "What MoELayer and AoELayer share: sort by expert, grouped SwiGLU, combine, statistics. Subclasses define `_gate`."
     def __init__(self, d_model, n_experts, top_k, aux_loss_coef, impl, renormalize):
         super().__init__()
         if not 1 <= top_k <= n_experts: raise ValueError(f"top_k={top_k} must lie in [1, n_experts={n_experts}]")
-        if impl not in ("auto", "triton", "torch", "grouped_mm"):
-            raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'grouped_mm'; got {impl!r}")
+        _check_impl(impl)
         self.d_model, self.n_experts, self.top_k, self.aux_loss_coef, self.impl = d_model, n_experts, top_k, aux_loss_coef, impl
         self.renormalize = renormalize
         self.aux_loss = None
-
-    def _path(self, x) -> str:
-        return ("triton" if x.is_cuda else "torch") if self.impl == "auto" else self.impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "x [..., d] -> [..., d]; sets `aux_loss` and the routing statistics."
         if x.shape[-1] != self.d_model: raise ValueError(f"expected last dimension {self.d_model}, got {x.shape[-1]}")
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.d_model).to(dtype)
-        path = self._path(x)
+        path = _impl_path(self.impl, x)
         z, z_per_expert, w_gate, scores, idx, weights, counts, prob_sum = self._gate(x2, dtype, path == "triton")
         sort = sort_by_expert(idx.long(), counts)
         z_rows = sort.tokens * self.n_experts + sort.experts if z_per_expert else sort.tokens
-        experts = {"triton": grouped_swiglu, "torch": grouped_swiglu_reference, "grouped_mm": _grouped_mm_experts}[path]
-        y_rows = experts(z, x2, w_gate, self.w_p.to(dtype), self.w_o.to(dtype), z_rows, sort.tokens, sort.offsets)
+        y_rows = _experts_fn(path)(z, x2, w_gate, self.w_p.to(dtype), self.w_o.to(dtype), z_rows, sort.tokens, sort.offsets)
         out = combine_rows(y_rows, weights, sort, len(x2))
         stats = routing_stats(scores, counts, prob_sum, self.top_k)
         self.aux_loss = self.aux_loss_coef * stats["balance_loss"] if self.training and self.aux_loss_coef > 0 else None
@@ -1035,14 +1044,14 @@ class AoEGate(nn.Module):
     def __init__(self, d_model: int, d_low: int, n_experts: int, top_k: int, renormalize: bool = True,
                  init_std: float = 0.02, impl: str = "auto"):
         nn.Module.__init__(self)            # not the family router's __init__: no router weight
-        self.hidden_dim, self.num_experts, self.top_k, self.renormalize, self.impl = d_model, n_experts, top_k, renormalize, impl
+        self.hidden_dim, self.num_experts, self.top_k, self.renormalize = d_model, n_experts, top_k, renormalize
+        self.impl = _check_impl(impl)
         self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_low) * init_std)
         self.cache = None
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
-        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
-        gate = aoe_gate if triton_path else aoe_gate_reference
+        gate = aoe_gate if _impl_path(self.impl, x) == "triton" else aoe_gate_reference
         self.cache, norms, idx, weights, _, _ = gate(x, self.w_down.to(x.dtype), self.top_k, self.renormalize)
         return norms, weights, idx.long()
 
@@ -1058,7 +1067,7 @@ class AoEExperts(nn.Module):
         super().__init__()
         n, _, r = gate.w_down.shape
         self._gate = [gate]                 # a reference, not a submodule: its parameters stay under `gate`
-        self.n_experts, self.d_low, self.impl = n, r, impl
+        self.n_experts, self.d_low, self.impl = n, r, _check_impl(impl)
         self.w_up = nn.Parameter(torch.randn(n, r, d_wide) * init_std)
         self.w_p = nn.Parameter(torch.randn(n, d_model, d_wide) * init_std)
         self.w_o = nn.Parameter(torch.randn(n, d_wide, d_model) * init_std)
@@ -1071,9 +1080,7 @@ class AoEExperts(nn.Module):
                                "first (the block's forward does)")
         x, dtype = hidden_states, hidden_states.dtype
         sort = sort_by_expert(top_k_index, torch.bincount(top_k_index.flatten(), minlength=self.n_experts))
-        triton_path = x.is_cuda if self.impl == "auto" else self.impl == "triton"
-        experts = grouped_swiglu if triton_path else grouped_swiglu_reference
-        y_rows = experts(cache.view(-1, self.d_low), x, self.w_up.to(dtype), self.w_p.to(dtype), self.w_o.to(dtype),
+        y_rows = _experts_fn(_impl_path(self.impl, x))(cache.view(-1, self.d_low), x, self.w_up.to(dtype), self.w_p.to(dtype), self.w_o.to(dtype),
                          sort.tokens * self.n_experts + sort.experts, sort.tokens, sort.offsets)
         return combine_rows(y_rows, top_k_weights, sort, len(x)).to(dtype)
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .aoe import _compute_dtype, _grouped_blocks, _grouped_matmul, _grouped_weight_grad, sort_by_expert, tile_schedule
+from .aoe import (_compute_dtype, _grouped_blocks, _grouped_matmul, _grouped_weight_grad, _impl_path, sort_by_expert,
+                          tile_schedule)
 from .model import Block, HookPoint, ModelConfig, Transformer
 from .testing import CompileCase, alloc_output, check_device, check_dtype, use_gpu_tiles
 
@@ -132,7 +133,7 @@ class MoMChunk(nn.Module):
     def skip_id(self) -> int: return self.mcfg.pool_size
 
     def _path(self, x) -> str:
-        return ("triton" if x.is_cuda else "torch") if self.mcfg.impl == "auto" else self.mcfg.impl
+        return _impl_path(self.mcfg.impl, x)          # AoE's rule: 'auto' is Triton on a GPU, PyTorch on a CPU
 
     def _decide(self, router, x2, state, forced, removed=()):
         if forced is not None:

@@ -151,6 +151,8 @@ def test_bad_input_is_refused():
         swap_moe_for_aoe(dense, D_LOW)
     with pytest.raises(ValueError, match="node"):
         remove_routers(mixtral(), "up")
+    with pytest.raises(ValueError, match="impl must be"):
+        swap_moe_for_aoe(mixtral(), D_LOW, impl="cuda")
     model = mixtral()
     block = swap_moe_for_aoe(model, D_LOW)[0]
     with pytest.raises(RuntimeError, match="gate's cache"):
