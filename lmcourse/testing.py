@@ -6,12 +6,12 @@ Docs: https://lmcourse.github.io/lmcourse/testing.html.md"""
 
 # %% auto #0
 __all__ = ['ELEMENT_TOL_FACTOR', 'H100_SM_COUNT', 'GPU_TARGETS', 'triton_interpreted', 'kernel_device', 'kernel_dtypes',
-           'tolerance', 'rel_error', 'max_rel_error', 'assert_close', 'fresh_seed', 'random_tensors',
-           'poisoned_outputs', 'alloc_output', 'check_against_reference', 'gpu_tiles', 'use_gpu_tiles', 'gpu_sm_count',
-           'tile_kwargs', 'autotuned', 'LaunchError', 'check_device', 'check_dtype', 'check_block', 'check_dot',
-           'Launch', 'launch_signature', 'capture_launches', 'CompileRecord', 'compile_kernel', 'compile_launches',
-           'dot_tile_kernel', 'KnownFailure', 'CompileCase', 'gpu_config_count', 'case_launches', 'compile_verdict',
-           'compile_cases_by_module', 'compile_report']
+           'tolerance', 'exact_input_dtype', 'rel_error', 'max_rel_error', 'assert_close', 'fresh_seed',
+           'random_tensors', 'poisoned_outputs', 'alloc_output', 'check_against_reference', 'gpu_tiles',
+           'use_gpu_tiles', 'gpu_sm_count', 'tile_kwargs', 'autotuned', 'LaunchError', 'check_device', 'check_dtype',
+           'check_block', 'check_dot', 'Launch', 'launch_signature', 'capture_launches', 'CompileRecord',
+           'compile_kernel', 'compile_launches', 'dot_tile_kernel', 'KnownFailure', 'CompileCase', 'gpu_config_count',
+           'case_launches', 'compile_verdict', 'compile_cases_by_module', 'compile_report']
 
 # %% ../nbs/00d_testing.ipynb #b473de60
 import importlib
@@ -73,6 +73,11 @@ def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", *, input_p
     if dtype == torch.float16: return 5e-3
     if dtype == torch.bfloat16: return 3e-2
     raise ValueError(f"no tolerance defined for dtype {dtype}")
+
+# %% ../nbs/00d_testing.ipynb #c1a0e7d7
+def exact_input_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    "The dtype a large-logit kernel test runs in: fp16 for fp32 on CUDA (TF32 dots round fp32 inputs), else `dtype`."
+    return torch.float16 if torch.device(device).type == "cuda" and dtype == torch.float32 else dtype
 
 # %% ../nbs/00d_testing.ipynb #36eeca00
 ELEMENT_TOL_FACTOR = 4   # element-wise error allowed, in units of the norm-wise tolerance

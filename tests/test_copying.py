@@ -15,7 +15,7 @@ from lmcourse.data import ByteTokenizer, TokenStream, load_corpus
 from lmcourse.model import ModelConfig, Transformer
 from lmcourse.train import History, TrainConfig, train
 from lmcourse.testing import (assert_close, check_against_reference, fresh_seed, gpu_config_count, gpu_tiles,
-                              kernel_device, kernel_dtypes, random_tensors, tolerance)
+                              exact_input_dtype, kernel_device, kernel_dtypes, random_tensors, tolerance)
 
 DEVICE = kernel_device()
 TASK = CopyTask()
@@ -168,10 +168,8 @@ CASES = [
 
 def _check(B, H, Hkv, Tq, Tk, D, causal=True, segments=False, qk_mult=1.0, scale=None, tol=None, vocab=6,
            no_target=False, dtype=torch.float32):
-    if qk_mult > 1 and DEVICE.type == "cuda" and dtype == torch.float32:
-        # A GPU's fp32 dots are TF32, which rounds logits of hundreds by more than any fp32 tolerance: there the large-logit
-        # cases run in fp16, whose inputs the float64 reference shares exactly (products accumulate in fp32).
-        dtype, tol = torch.float16, None
+    if qk_mult > 1 and exact_input_dtype(dtype, DEVICE) != dtype:   # large logits on a GPU: fp16, its own tolerance
+        dtype, tol = exact_input_dtype(dtype, DEVICE), None
     (q, k, v), seed = random_tensors([(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)], dtype, DEVICE, scale=1.5)
     q, k = q * qk_mult, k * qk_mult
     g = torch.Generator().manual_seed(seed)
