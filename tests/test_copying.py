@@ -264,7 +264,7 @@ def test_kernel_head_scores_equal_the_pattern_scores():
     tol = 1e-4 if DEVICE.type == "cpu" else 2e-2                     # a GPU's fp32 dots are TF32: logits of tens
     for name in ("induction", "previous_token", "token_match"):
         assert_close(getattr(ours, name), getattr(reference, name), tol, name)
-    assert reference.induction.max() - reference.induction.min() > 0.05           # not all uniform
+    assert reference.induction.max() - reference.induction.min() > 0.02           # not all uniform (draws: 0.04-0.3)
     before = [b.attn.attn_fn for b in model.blocks]
     with torch.no_grad(), recording_statistics(model, batch.inputs, induction_targets(batch)) as records:
         logits, _ = model(batch.inputs)
