@@ -1,15 +1,15 @@
 """GPU parts of the Autonomy-of-Experts chapter (nbs/05_aoe.ipynb), run by scripts/gpu.py (`make gpu`,
-`make gpu-run CHAPTER=aoe`): the layer benchmark (results/aoe/layer_benchmark.json) and, as the full run, the AoE vs
+`make gpu-run CHAPTER=aoe`): the layer benchmark (results/aoe/layer_benchmark.json; `sweep`, by hand, at both shapes) and, as the full run, the AoE vs
 router-MoE language models at the full size, seed 0 (results/aoe/lm_seed0.json)."""
 import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET when no GPU is visible)
 
-from lmcourse.aoe import LM_SIZES, benchmark_summary, layer_benchmark, lm_data, lm_run
+from lmcourse.aoe import BENCH_SHAPES, LM_SIZES, benchmark_summary, layer_benchmark, lm_data, lm_run
 from lmcourse.bench import save_result
 
 
-def bench(budget):
-    "Forward and forward+backward of every provider at both benchmark shapes (mixtral-like, fine-grained)."
-    result = layer_benchmark()
+def _benchmark(budget, shapes) -> list[dict]:
+    "Forward and forward+backward of every provider at these benchmark shapes (BENCH_SHAPES: mixtral-like, fine-grained)."
+    result = layer_benchmark({name: BENCH_SHAPES[name] for name in shapes})
     print(save_result("aoe", "layer_benchmark", result))
     for row in result["rows"]:
         if row.get("error"):
@@ -17,6 +17,17 @@ def bench(budget):
     return [{"metric": f"{r['shape']} {r['mode']} {r['provider']}: vs its loop, of dense TFLOP/s",
              "measured": f"{r['vs_loop']}x, {r['of_dense']}", "target": "triton > loop on fine-grained"}
             for r in benchmark_summary(result) if r["provider"] in ("aoe-triton", "moe-triton")]
+
+
+def bench(budget):
+    """make gpu: the fine-grained shape (64 experts, top-8, 16k tokens), where grouping matters. About 25 s (estimated):
+    5 kernels compiled once (fixed blocks), 14 timed points, the loop providers the slowest."""
+    return _benchmark(budget, ("fine-grained",))
+
+
+def sweep(budget):
+    "By hand: both shapes (the mixtral-like shape's loop provider takes ~50 ms a call)."
+    return _benchmark(budget, tuple(BENCH_SHAPES))
 
 
 def full(budget, seed: int = 0):
@@ -29,9 +40,10 @@ def full(budget, seed: int = 0):
              "target": "aoe <= moe (paper)"} for r in runs]
 
 
-PARTS = {"bench": (45, bench), "full": (480, full)}   # seconds; see results/README.md
+PARTS = {"bench": (25, bench), "full": (480, full)}   # seconds (estimated); see results/README.md
+BY_HAND = {"sweep": (60, sweep)}
 
 
-if __name__ == "__main__":   # python scripts/aoe_gpu.py [bench | full [--seed N] | all]: the parts in this process, no time limit
+if __name__ == "__main__":   # python scripts/aoe_gpu.py [bench | sweep | full [--seed N] | all]: in this process, no time limit
     from gpu import run_cli
-    run_cli(PARTS)
+    run_cli({**BY_HAND, **PARTS})

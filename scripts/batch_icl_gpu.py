@@ -1,11 +1,13 @@
 """GPU work of the Batch-ICL chapter (nbs/11_batch_icl.ipynb); results go to results/batch_icl/.
 
     python scripts/batch_icl_gpu.py check    # packed launch = separate passes on CUDA (FlexAttention, Cog kernel; fp32, bf16)
-    python scripts/batch_icl_gpu.py bench    # time and memory vs N and demonstration length (estimated 3-4 min, not yet measured)
+    python scripts/batch_icl_gpu.py bench    # make gpu's part: time and memory at N = 16, demonstrations of 256 tokens
+    python scripts/batch_icl_gpu.py sweep    # time and memory vs N and demonstration length (estimated 3-4 min, not yet measured)
     python scripts/batch_icl_gpu.py full     # the full toy run, clean and noisy pretraining, 3 seeds (at most 8 min)
 
 Each part is a function of a time budget (`.left()` seconds, `.skip(what, why)`) returning summary rows
-{"metric", "measured", "target"}, `full` in PARTS (`make gpu-run CHAPTER=batch_icl`); `check` and `bench` in BY_HAND (no `make gpu` budget left).
+{"metric", "measured", "target"}, `bench` and `full` in PARTS (`make gpu`, `make gpu-run CHAPTER=batch_icl`); `check` and
+`sweep` in BY_HAND.
 Needs only torch, triton and the package (`pip install --no-deps --no-build-isolation -e .`)."""
 import time
 
@@ -13,8 +15,8 @@ import lmcourse  # noqa: F401  (first: sets TRITON_INTERPRET when no GPU is visi
 import torch
 
 from lmcourse.bench import gpu_available, save_result
-from lmcourse.batch_icl import (batch_icl_logits, batch_icl_reference, benchmark_batch_icl, full_experiment,
-                                random_episodes, toy_summary)
+from lmcourse.batch_icl import (BENCH_DEMO_LENS, BENCH_SHOTS, batch_icl_logits, batch_icl_reference, benchmark_batch_icl,
+                                full_experiment, random_episodes, toy_summary)
 
 
 def check(budget) -> list[dict]:
@@ -52,10 +54,10 @@ def check(budget) -> list[dict]:
     return rows
 
 
-def bench(budget) -> list[dict]:
-    "benchmark_batch_icl at the default sweep; summary: Batch-ICL (packed, FlexAttention) time and memory over N-shot's."
+def _benchmark(n_shots, demo_lens, summary_shots) -> list[dict]:
+    "benchmark_batch_icl; summary at `summary_shots`: Batch-ICL (packed, FlexAttention) time and memory over N-shot's."
     start = time.perf_counter()
-    result = benchmark_batch_icl()
+    result = benchmark_batch_icl(n_shots, demo_lens)
     print("saved", save_result("batch_icl", "benchmark", result), f"{time.perf_counter() - start:.0f} s")
     rows = []
     for r in result["rows"]:
@@ -63,12 +65,24 @@ def bench(budget) -> list[dict]:
     by = {(r["provider"], r["n_shots"], r["demo_len"]): r for r in result["rows"] if r.get("ms")}
     for (provider, N, D), r in by.items():
         base = by.get(("N-shot (one prompt)", N, D))
-        if provider.startswith("Batch-ICL packed (Flex") and base and N in (4, 32):
+        if provider.startswith("Batch-ICL packed (Flex") and base and N in summary_shots:
             rows.append(dict(metric=f"Batch-ICL packed / N-shot time, N={N}, D={D}", measured=round(r["ms"] / base["ms"], 2),
                              target="< 1 where attention dominates (large N, long D)"))
             rows.append(dict(metric=f"Batch-ICL packed / N-shot memory, N={N}, D={D}",
                              measured=round(r["peak_mib"] / base["peak_mib"], 2), target="reported"))
     return rows
+
+
+def bench(budget) -> list[dict]:
+    """make gpu: N = 16 demonstrations of 256 tokens (an 8-layer d = 1024 model, bf16), where attention dominates. About
+    30 s (estimated): FlexAttention's compile for the packed shape (the slowest step), the Cog forward (2 autotune
+    configs), 4 providers timed once each."""
+    return _benchmark((16,), (256,), summary_shots=(16,))
+
+
+def sweep(budget) -> list[dict]:
+    "By hand: N = 2 ... 32, demonstrations of 32 and 256 tokens."
+    return _benchmark(BENCH_SHOTS, BENCH_DEMO_LENS, summary_shots=(4, 32))
 
 
 def full(budget, seed=None) -> list[dict]:
@@ -88,8 +102,8 @@ def full(budget, seed=None) -> list[dict]:
     return rows
 
 
-PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=batch_icl
-BY_HAND = {"check": (60, check), "bench": (240, bench)}   # no make gpu budget left (estimated seconds, not measured)
+PARTS = {"bench": (30, bench), "full": (480, full)}   # make gpu, make gpu-run CHAPTER=batch_icl (seconds, estimated)
+BY_HAND = {"check": (60, check), "sweep": (240, sweep)}   # estimated seconds, not measured
 
 if __name__ == "__main__":
     if not gpu_available():

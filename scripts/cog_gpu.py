@@ -1,7 +1,7 @@
 """GPU parts of the Cog Attention chapter (nbs/03_cog.ipynb), run by scripts/gpu.py (`make gpu`,
-`make gpu-run CHAPTER=cog`): the benchmark sweep (results/cog/{forward,backward}_hd{64,128}.json) and, as the full
-run, the kernel against float64 at realistic shapes (results/cog/gpu_check.json) and the softmax-vs-Cogformer LMs
-(results/cog/lm_comparison.json)."""
+`make gpu-run CHAPTER=cog`): the benchmark (results/cog/{forward,backward}_hd{64,128}.json; `sweep`, by hand, runs
+every sequence length) and, as the full run, the kernel against float64 at realistic shapes (results/cog/gpu_check.json)
+and the softmax-vs-Cogformer LMs (results/cog/lm_comparison.json)."""
 import os
 
 os.environ.setdefault("LMCOURSE_PROFILE", "full")   # the LM comparison uses the full sizes
@@ -47,20 +47,33 @@ def packed_segments(B: int, T: int, seed: int) -> torch.Tensor:
     return seg.cumsum(-1).cuda()
 
 
-def bench(budget):
-    "The causal sweep at S = 1k, 4k, 16k tokens per sequence (16k tokens a batch), head dims 64 then 128."
+def _benchmark(budget, seq_lens, head_dims) -> list[dict]:
+    "The causal sweep at `seq_lens` (16k tokens a batch), one head dim after another while 25 s remain; summary at the largest S."
     rows = []
-    for D in (64, 128):
-        if budget.left() < 40:
+    for D in head_dims:
+        if budget.left() < 25:
             budget.skip(f"sweep at head dim {D}")
             continue
-        for name, result in benchmark_cog(seq_lens=(1024, 4096, 16384), head_dims=(D,)).items():
+        for name, result in benchmark_cog(seq_lens=seq_lens, head_dims=(D,)).items():
             print("saved", save_result("cog", name, result))
-            at = {r["provider"]: r for r in result["rows"] if r["seq_len"] == 16384}
-            rows.append({"metric": f"{name} S=16k: cog TFLOP/s, and vs F.sdpa (softmax)",
+            S = max(seq_lens)
+            at = {r["provider"]: r for r in result["rows"] if r["seq_len"] == S}
+            rows.append({"metric": f"{name} S={S}: cog TFLOP/s, and vs F.sdpa (softmax)",
                          "measured": f"{at['cog (triton)']['tflops']:.0f}, {at['F.sdpa']['ms'] / at['cog (triton)']['ms']:.2f}x",
                          "target": "FA2/Triton class: 0.7-1.0x of SDPA's flash (perf_anchors 2.1)"})
     return rows
+
+
+def bench(budget):
+    """make gpu: S = 4k and 16k at head dim 128 (the 7B-class shape), then head dim 64 if time remains. About 50 s
+    (estimated): 3 kernels x 2 autotune configs x (Cog, softmax) = 12 compiles a head dim (~17 s), FlexAttention's
+    compile per shape (~10-15 s each), ~20 timed points."""
+    return _benchmark(budget, (4096, 16384), (128, 64))
+
+
+def sweep(budget):
+    "By hand: S = 1k ... 16k at head dims 64 and 128."
+    return _benchmark(budget, (1024, 2048, 4096, 8192, 16384), (64, 128))
 
 
 def full(budget):
@@ -70,9 +83,10 @@ def full(budget):
     return [{"metric": "gpu_check and lm_comparison", "measured": "results/cog/", "target": "stored"}]
 
 
-PARTS = {"bench": (95, bench), "full": (480, full)}   # seconds; see results/README.md
+PARTS = {"bench": (50, bench), "full": (480, full)}   # seconds (estimated); see results/README.md
+BY_HAND = {"sweep": (240, sweep)}
 
 
-if __name__ == "__main__":   # python scripts/cog_gpu.py [bench | full | all]: the parts in this process, no time limit
+if __name__ == "__main__":   # python scripts/cog_gpu.py [bench | sweep | full | all]: in this process, no time limit
     from gpu import run_cli
-    run_cli(PARTS)
+    run_cli({**BY_HAND, **PARTS})

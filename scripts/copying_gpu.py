@@ -1,11 +1,12 @@
 """GPU work of the copying chapter (nbs/12_copying.ipynb); results go to results/copying/.
 
-    python scripts/copying_gpu.py bench    # statistics kernel vs plain forward vs eager probabilities, T = 1k-8k (estimated 1-2 min, not yet measured)
+    python scripts/copying_gpu.py bench    # make gpu's part: statistics kernel vs plain forward vs eager probabilities, T = 2k, 8k
+    python scripts/copying_gpu.py sweep    # the same at T = 1k, 2k, 4k, 8k (by hand; estimated 1-2 min, not yet measured)
     python scripts/copying_gpu.py full     # 6-layer runs: batch 64 and 32 (steps vs tokens), weight decay 0 / 0.1 / 0.3 (at most 8 min)
 
 Each part is a function of a time budget (`.left()` seconds, `.skip(what, why)`) returning summary rows
-{"metric", "measured", "target"}; `full` in PARTS (`make gpu-run CHAPTER=copying`), `bench` in BY_HAND (no `make gpu`
-budget left). Needs only torch, triton and the package (`pip install --no-deps --no-build-isolation -e .`)."""
+{"metric", "measured", "target"}; `bench` and `full` in PARTS (`make gpu`, `make gpu-run CHAPTER=copying`), `sweep` in
+BY_HAND. Needs only torch, triton and the package (`pip install --no-deps --no-build-isolation -e .`)."""
 import os
 import time
 
@@ -18,10 +19,10 @@ from lmcourse.copying import (benchmark_induction_attention, copying_milestones,
                               train_copying)
 
 
-def bench(budget) -> list[dict]:
-    "benchmark_induction_attention at T = 1k ... 8k; summary: the statistics' overhead over the plain forward, and eager's."
+def _benchmark(seq_lens) -> list[dict]:
+    "benchmark_induction_attention at `seq_lens`; summary: the statistics' overhead over the plain forward, and eager's."
     start = time.perf_counter()
-    result = benchmark_induction_attention()
+    result = benchmark_induction_attention(seq_lens)
     print("saved", save_result("copying", "benchmark", result), f"{time.perf_counter() - start:.0f} s")
     by = {(r["provider"], r["seq_len"]): r for r in result["rows"]}
     rows = []
@@ -37,6 +38,17 @@ def bench(budget) -> list[dict]:
         rows.append(dict(metric=f"statistics vs eager, max abs error, T={T}", measured=f"{stats['stats_abs_error']:.1e}",
                          target="<= 2e-2 (bf16 inputs)"))
     return rows
+
+
+def bench(budget) -> list[dict]:
+    """make gpu: T = 2k and 8k (16k tokens a batch, 12 heads of 64, bf16). About 20 s (estimated): the Cog forward with STATS
+    off and on, 2 autotune configs each (LMCOURSE_AUTOTUNE_MAX=2): 4 compiles; eager attention; 6 timed points."""
+    return _benchmark((2048, 8192))
+
+
+def sweep(budget) -> list[dict]:
+    "By hand: the whole sweep, T = 1k, 2k, 4k, 8k."
+    return _benchmark((1024, 2048, 4096, 8192))
 
 
 def full(budget) -> list[dict]:
@@ -69,8 +81,8 @@ def full(budget) -> list[dict]:
     return rows
 
 
-PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=copying
-BY_HAND = {"bench": (120, bench)}   # no make gpu budget left (estimated seconds, not measured)
+PARTS = {"bench": (20, bench), "full": (480, full)}   # make gpu, make gpu-run CHAPTER=copying (seconds, estimated)
+BY_HAND = {"sweep": (60, sweep)}   # estimated seconds, not measured
 
 if __name__ == "__main__":
     if not gpu_available():

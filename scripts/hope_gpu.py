@@ -1,14 +1,15 @@
 """GPU runs of the HoPE chapter (nbs/02_hope.ipynb, lmcourse.hope); results go to results/hope/*.json.
 
 Parts (see scripts/gpu.py and results/README.md):
-    make gpu                    # `bench`: the rotary fwd and fwd+bwd sweep at T = 1024, 8192 (30 s)
+    make gpu                    # `bench`: the rotary fwd and fwd+bwd at T = 8192, 32 heads of 128 (20 s)
     make gpu-run CHAPTER=hope   # `full`: the kernel vs float64 at GPU shapes, the full sweep, then RoPE vs HoPE
                                 #  vs NoPE trained at 256 tokens, evaluated at 1x/2x/4x, in the time left (8 min)
-    python scripts/hope_gpu.py [bench | full | all]   # the same parts in this process, no time limit
+    python scripts/hope_gpu.py [bench | sweep | full | all]   # the same parts in this process, no time limit
+                                                              # (`sweep`: T = 1024 and 8192, both head configurations)
 
 Expected compile counts: the Triton kernel specializes per (dtype, BLOCK_P, layout, direction, pointer dtype):
-check ~12, bench 6; torch.compile in the bench: 4 graphs (2 head configurations x forward / forward+backward,
-dynamic shapes). No autotuning (the launcher picks tiles by a heuristic, see lmcourse.hope.GPU_CONFIGS).
+check ~12, bench 3; torch.compile in the bench: 2 graphs (forward / forward+backward, dynamic shapes), 4 in the
+sweep (2 head configurations). No autotuning (the launcher picks tiles by a heuristic, see lmcourse.hope.GPU_CONFIGS).
 """
 import os
 
@@ -43,10 +44,10 @@ def gpu_check() -> dict:
     return {"rows": rows}
 
 
-def _sweep(budget, seq_lens) -> list[dict]:
-    "The rotary sweep, one head configuration at a time while time remains; a row per configuration for the summary."
+def _sweep(budget, seq_lens, head_shapes) -> list[dict]:
+    "The rotary sweep, one (heads, head dim) configuration at a time while time remains; a summary row per configuration."
     rows = []
-    for H, D in ((12, 64), (32, 128)):
+    for H, D in head_shapes:
         if budget.left() < 15:
             budget.skip(f"rotary sweep at H={H}, D={D}")
             continue
@@ -61,14 +62,19 @@ def _sweep(budget, seq_lens) -> list[dict]:
 
 
 def bench(budget):
-    "make gpu: the rotary sweep at T = 1024 and 8192 (B = 16, bf16), both head configurations if time allows."
-    return _sweep(budget, seq_lens=(1024, 8192))
+    "make gpu: the rotary sweep at T = 8192 (B = 16, bf16), 32 heads of 128, then 12 heads of 64 if time allows."
+    return _sweep(budget, (8192,), ((32, 128), (12, 64)))
+
+
+def sweep(budget):
+    "By hand: T = 1024 and 8192, both head configurations."
+    return _sweep(budget, (1024, 8192), ((12, 64), (32, 128)))
 
 
 def full(budget):
     "make gpu-run CHAPTER=hope: the kernel check, the full sweep, then the extrapolation run in the time left."
     print("saved", save_result("hope", "gpu_check", gpu_check()))
-    rows = _sweep(budget, seq_lens=(1024, 2048, 4096, 8192))
+    rows = _sweep(budget, (1024, 2048, 4096, 8192), ((12, 64), (32, 128)))
     result = hope_extrapolation_run(seeds=(0, 1), time_budget_s=max(0.0, budget.left() - 30))
     print("saved", save_result("hope", "extrapolation", result), "skipped:", result["skipped"] or "nothing")
     for what in result["skipped"]:
@@ -76,9 +82,10 @@ def full(budget):
     return rows + [{"metric": "gpu_check, extrapolation", "measured": "results/hope/", "target": "stored"}]
 
 
-PARTS = {"bench": (30, bench), "full": (480, full)}   # seconds; see results/README.md
+PARTS = {"bench": (20, bench), "full": (480, full)}   # seconds (estimated); see results/README.md
+BY_HAND = {"sweep": (60, sweep)}
 
 
-if __name__ == "__main__":   # python scripts/hope_gpu.py [bench | full | all]: the parts in this process, no time limit
+if __name__ == "__main__":   # python scripts/hope_gpu.py [bench | sweep | full | all]: in this process, no time limit
     from gpu import run_cli
-    run_cli(PARTS)
+    run_cli({**BY_HAND, **PARTS})

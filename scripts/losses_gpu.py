@@ -50,7 +50,7 @@ def full(budget):
              "target": "time <= 1.1x eager, memory >= 4x less (chapter targets)"} for r in benchmark_summary(result)]
 
 
-PARTS = {"bench": (40, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=losses)
+PARTS = {"bench": (25, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=losses)
 
 
 def main():

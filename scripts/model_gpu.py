@@ -83,7 +83,7 @@ def full(budget):
     return [{"metric": "gpu_check and packed attention sweep", "measured": "results/model/", "target": "stored"}]
 
 
-PARTS = {"bench": (40, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=model)
+PARTS = {"bench": (30, bench), "full": (480, full)}   # seconds, for scripts/gpu.py (make gpu, make gpu-run CHAPTER=model)
 
 
 def main():

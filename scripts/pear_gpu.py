@@ -8,9 +8,8 @@ Parts (see scripts/gpu.py and results/README.md):
                                 #  2. the RAG run, RoPE and learned positions, seed 0
                                 #  3. the kernels vs float64 at GPU shapes in every dtype; 4. the sweep T = 1k ... 8k
     python scripts/pear_gpu.py  # the same, in this process, no time limit
-`bench` belongs in `make gpu` (issue 16), but make gpu's 540 s are all given to other parts (`scripts/gpu.py
---dry-run`): add `"bench": (45, bench)` to PARTS once a part is trimmed to make room. The kernels' correctness tests
-on the GPU are already the `tests` part of make gpu (tests/test_pear.py, marked `gpu`).
+`make gpu` runs `bench` (PARTS below). The kernels' correctness tests on the GPU are the `tests` part of make gpu
+(tests/test_pear.py, marked `gpu`).
 
 Expected compile counts (nbs/07_pear.ipynb, "Compile and autotune counts"): bench, with LMCOURSE_AUTOTUNE_MAX=2,
 2 forward + 2 backward + 2 pre-screen configs = 6 compiles (~10 s), 4 autotune keys; check at most 120 compiles
@@ -76,7 +75,8 @@ def _save_benchmark(results: dict) -> list[dict]:
 
 
 def bench(budget):
-    "The sweeps at T = 4096 only (about 45 s: 6 compiles with LMCOURSE_AUTOTUNE_MAX=2, ~40 timed points)."
+    """The sweeps at T = 4096 only (about 25 s, estimated: 6 compiles with LMCOURSE_AUTOTUNE_MAX=2, ~10 s; ~20 timed
+    points at ~0.5 s each)."""
     return _save_benchmark(benchmark_pear(seq_lens=(4096,)))
 
 
@@ -95,7 +95,7 @@ def full(budget):
     return rows + _save_benchmark(benchmark_pear())
 
 
-PARTS = {"full": (480, full)}   # seconds; see results/README.md, and the docstring for `bench`
+PARTS = {"bench": (25, bench), "full": (480, full)}   # seconds (estimated); see results/README.md and `bench`
 
 if __name__ == "__main__":
     from gpu import run_cli

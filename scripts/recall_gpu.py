@@ -5,9 +5,10 @@ Parts (see scripts/gpu.py and results/README.md):
                                          #  of 256 statements), then patching, attention, decomposition and the logit
                                          #  lens on every relation; <= 8 min (estimated, not measured)
     python scripts/recall_gpu.py full --seed 0   # the same in this process, no time limit
-    python scripts/recall_gpu.py bench           # by hand only (BY_HAND, no `make gpu` budget): the head-attribution
-                                                 #  kernel against the einsum over per-head outputs and cuBLAS at a
-                                                 #  7B-like shape; results/recall/bench.json; about 60 s (estimated)
+    python scripts/recall_gpu.py bench           # make gpu's part: the head-attribution kernel against the einsum
+                                                 #  over per-head outputs and cuBLAS at a 7B-like shape, 1k positions;
+                                                 #  results/recall/bench.json; about 15 s (estimated)
+    python scripts/recall_gpu.py sweep           # the same at 256, 512 and 1k positions (by hand)
 
 The chapter's kernel tests (`pytest tests/test_recall.py -m gpu`) run in `make gpu`'s `tests` part. Compiles: the
 attribution kernel once per (positions, provider) shape class, one head dim: a handful; no autotuning. The model is not
@@ -23,13 +24,24 @@ from lmcourse.bench import save_result, speedups
 from lmcourse.recall import benchmark_head_attribution, recall_experiment_config, run_recall_experiment
 
 
-def bench(budget):
-    "Head attribution at 32 layers x 32 heads, d = 4096, bf16, 256-1k positions: results/recall/bench.json."
-    result = benchmark_head_attribution()
+def _benchmark(positions) -> list[dict]:
+    "Head attribution at 32 layers x 32 heads, d = 4096, bf16, at these numbers of positions: results/recall/bench.json."
+    result = benchmark_head_attribution(positions)
     print("saved", save_result("recall", "bench", result))
     return [{"metric": f"{row['provider']} at {row['positions']} positions: speedup over the einsum",
              "measured": round(row["speedup"], 2), "target": "> 1 for triton (no [B, L, H, d] tensor)"}
             for row in speedups(result["sweep"], "einsum over per-head outputs")]
+
+
+def bench(budget):
+    """make gpu: 1k positions. About 15 s (estimated): one kernel compile (no autotuning), 1 GiB of W_O to fill, 3 timed
+    providers."""
+    return _benchmark((1024,))
+
+
+def sweep(budget):
+    "By hand: 256, 512 and 1k positions."
+    return _benchmark((256, 512, 1024))
 
 
 def full(budget, seed: int = 0):
@@ -48,8 +60,8 @@ def full(budget, seed: int = 0):
     return rows
 
 
-PARTS = {"full": (480, full)}   # make gpu-run CHAPTER=recall
-BY_HAND = {"bench": (60, bench)}   # no make gpu budget left (estimated seconds, not measured)
+PARTS = {"bench": (15, bench), "full": (480, full)}   # make gpu, make gpu-run CHAPTER=recall (seconds, estimated)
+BY_HAND = {"sweep": (60, sweep)}   # estimated seconds, not measured
 
 
 if __name__ == "__main__":   # python scripts/recall_gpu.py [full | all] [--seed N]: no time limit
