@@ -8,7 +8,8 @@ nbdev, nbval or datasets), in at most 9 minutes of wall time. `make gpu-run CHAP
 
 Parts, in order, each with its own time budget:
 - `tests`: every kernel's correctness tests on the GPU in bf16, fp16 and fp32 against float64 — `pytest tests -m gpu`
-  (which writes results/verified/<gpu>.json), after a warm-up that compiles the kernels with one process per file;
+  (which writes results/verified/<gpu>.json), after a warm-up that compiles the kernels in TEST_PROCESSES processes,
+  each with a share of every test file;
 - one or more parts per chapter, declared by `scripts/<chapter>_gpu.py` in a `PARTS` dict:
   name -> (seconds, function). The function takes a `Budget` (`.left()` seconds, `.skip(what, why)`) and returns
   summary rows `{"metric", "measured", "target"}`; it writes `results/<chapter>/*.json` through
@@ -37,7 +38,7 @@ MAKE_GPU_S = 540            # `make gpu` wall-time budget: 9 minutes
 SETUP_S = 30                # installing the checkout, starting processes, the summary
 FULL_RUN_S = 480            # `make gpu-run`: 8 minutes
 TESTS_S = 150               # `pytest -m gpu` over every test file
-TEST_PROCESSES = 8          # warm-up processes at once (the GPU machine has 16 cores; compiling is CPU-bound)
+TEST_PROCESSES = 12         # warm-up processes (the GPU machine has 16 cores; compiling is CPU-bound, one core each)
 GRACE = 1.1                 # a part is killed at 110% of its budget
 
 
@@ -92,6 +93,20 @@ def gpu_test_files() -> list[Path]:
     return [p for p in sorted((ROOT / "tests").glob("test_*.py")) if "mark.gpu" in p.read_text()]
 
 
+def gpu_test_ids(timeout: float = 120) -> list[str]:
+    "Node ids of every `@pytest.mark.gpu` test, in file order (`pytest --collect-only`)."
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return [line.strip() for line in done.stdout.splitlines() if "::" in line]
+
+
+def warm_up_chunks(test_ids: list[str], n: int) -> list[list[str]]:
+    """At most `n` chunks of test ids, dealt round-robin so that every chunk holds a share of every file. The files differ
+    a hundredfold in what they compile (recorded on CPU: 102 kernel specialisations for tests/test_moice.py, 1 for
+    tests/test_batch_icl.py; 594 in all), so one process per file would leave the largest compiling alone at the end."""
+    return [chunk for chunk in (test_ids[i::n] for i in range(n)) if chunk]
+
+
 def plan(full: str | None, only: list[str]) -> list[tuple[str, float]]:
     "(part id, budget) in running order: `tests`, then `<chapter>:<part>`."
     chapters = chapter_parts()
@@ -124,22 +139,22 @@ def _pytest(args: list, timeout: float) -> tuple[str, str]:
 
 def run_tests(budget: Budget) -> dict:
     """The `tests` part. Compiling is what takes the time, and one Python process compiles one kernel at a time, so
-    first every test file with GPU tests runs in its own process, TEST_PROCESSES at once (this fills Triton's kernel
-    cache); then `pytest tests -m gpu` runs once over the whole folder — all cache hits — and is what counts:
+    first the GPU tests run in TEST_PROCESSES processes at once, each with a share of every file (this fills Triton's
+    kernel cache); then `pytest tests -m gpu` runs once over the whole folder — all cache hits — and is what counts:
     `lmcourse.verified` writes its record, results/verified/<gpu>.json, only for a run over the whole folder."""
-    files = gpu_test_files()
+    chunks = warm_up_chunks(gpu_test_ids(), TEST_PROCESSES)
 
-    def warm(path: Path) -> tuple[str, str]:
+    def warm(index: int) -> tuple[str, str]:
         left = budget.left() - 0.3 * budget.seconds       # keep 30% of the budget for the run that counts
         if left < 10:
-            budget.skip(f"warm-up run of {path.name}")
+            budget.skip(f"warm-up chunk {index} ({len(chunks[index])} tests)")
             return "skipped", ""
-        status, tail = _pytest([str(path)], left)
-        print(f"warm-up {path.name}: {tail}", flush=True)
+        status, tail = _pytest(chunks[index], left)
+        print(f"warm-up chunk {index} ({len(chunks[index])} tests): {tail}", flush=True)
         return status, tail
 
     with ThreadPoolExecutor(TEST_PROCESSES) as pool:
-        warmed = dict(zip((p.name for p in files), pool.map(warm, files)))
+        warmed = {f"chunk {i}": result for i, result in enumerate(pool.map(warm, range(len(chunks))))}
     if budget.left() < 10:
         budget.skip("pytest tests -m gpu (the run that writes results/verified/)")
         return {"rows": [{"metric": f"warm-up {name}", "measured": tail or status, "target": "all pass"}

@@ -94,3 +94,12 @@ def test_bench_parts_call_their_benchmarks_with_arguments_they_accept(gpu, monke
         monkeypatch.setattr(lmcourse.rmsnorm, "benchmark_rmsnorm", stand_in(lmcourse.rmsnorm.benchmark_rmsnorm))
         with pytest.raises(_Called):
             fn(gpu.Budget(1000))
+
+
+def test_warm_up_chunks_spread_every_file_over_the_processes(gpu):
+    ids = [f"tests/test_big.py::t[{i}]" for i in range(100)] + [f"tests/test_small.py::t[{i}]" for i in range(3)]
+    chunks = gpu.warm_up_chunks(ids, 12)
+    assert len(chunks) == 12 and sorted(sum(chunks, [])) == sorted(ids)          # every test once
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1                   # balanced
+    assert all(any("test_big" in t for t in chunk) for chunk in chunks)         # the big file on every process
+    assert gpu.warm_up_chunks(ids[:5], 12) == [[t] for t in ids[:5]]            # never an empty chunk
