@@ -716,12 +716,12 @@ def _polar_qk_kernel(
     b_radius, b_cos, b_sin = _polar_block_tables(rho_min_ptr, rho_step_ptr, phi_min_ptr, phi_step_ptr, i_bh * N + i_n,
                                                  P, RADIUS_BITS, ANGLE_BITS)                  # [2^n, P], [2^m, P]
     p_codes = codes_ptr + (i_bh * N + i_n) * G * P
-    for h in tl.static_range(GROUP):
+    for h in range(GROUP):                  # runtime loops: unrolled, the 4 x 4 bodies took ~7 s to compile
         i_qh = i_kvh * GROUP + h
         p_q = q_ptr + i_b * stride_qb + i_qh * stride_qh + o_p * PAIR_STRIDE
         b_angle = tl.load(p_q).to(tl.float32)[None, :] * b_cos + tl.load(p_q + Y_SHIFT).to(tl.float32)[None, :] * b_sin
         p_out = out_ptr + (i_b * Hq + i_qh) * N * G + i_n * G
-        for t0 in tl.static_range(0, G, BLOCK_T):
+        for t0 in range(0, G, BLOCK_T):
             o_t = t0 + tl.arange(0, BLOCK_T)
             b_codes = tl.load(p_codes + o_t[:, None] * P + o_p[None, :]).to(tl.int32)
             b_r = tl.gather(b_radius, b_codes >> ANGLE_BITS, 0)                       # [BLOCK_T, P]
