@@ -81,19 +81,23 @@ def test_bench_parts_call_their_benchmarks_with_arguments_they_accept(gpu, monke
             raise _Called(real.__name__)
         return call
 
-    for table in gpu.chapter_parts().values():
+    monkeypatch.setattr(lmcourse.rmsnorm, "benchmark_rmsnorm", stand_in(lmcourse.rmsnorm.benchmark_rmsnorm))
+    checked = []
+    for chapter, table in gpu.chapter_parts().items():
         if "bench" not in table:
             continue
-        fn = table["bench"][1]
-        namespace = fn.__globals__
+        namespace = table["bench"][1].__globals__
         for name, obj in list(namespace.items()):
-            if callable(obj) and "benchmark" in name and not name.endswith("summary"):
+            if callable(obj) and "benchmark" in name and not name.startswith("_") and not name.endswith("summary"):
                 monkeypatch.setitem(namespace, name, stand_in(obj))
             elif name == "check" and callable(obj):
                 monkeypatch.setitem(namespace, name, lambda *a, **k: None)
-        monkeypatch.setattr(lmcourse.rmsnorm, "benchmark_rmsnorm", stand_in(lmcourse.rmsnorm.benchmark_rmsnorm))
-        with pytest.raises(_Called):
-            fn(gpu.Budget(1000))
+        by_hand = namespace.get("BY_HAND", {})
+        for part, (_, fn) in [("bench", table["bench"]), *([("sweep", by_hand["sweep"])] if "sweep" in by_hand else [])]:
+            with pytest.raises(_Called):
+                fn(gpu.Budget(1000))
+            checked.append(f"{chapter}:{part}")
+    assert {"cog:sweep", "moice:bench", "recall:sweep"} <= set(checked)
 
 
 def test_warm_up_chunks_spread_every_file_over_the_processes(gpu):
