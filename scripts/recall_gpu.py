@@ -9,6 +9,9 @@ Parts (see scripts/gpu.py and results/README.md):
                                                  #  over per-head outputs and cuBLAS at a 7B-like shape, 1k positions;
                                                  #  results/recall/bench.json; about 15 s (estimated)
     python scripts/recall_gpu.py sweep           # the same at 256, 512 and 1k positions (by hand)
+    python scripts/recall_gpu.py gpt2            # by hand only (BY_HAND): GPT-2's head ranking when its weights are local
+                                                 #  ($LMCOURSE_GPT2_PATH or the HF cache; never downloaded), else skipped
+                                                 #  with the reason; results/recall/gpt2_heads.json; < 60 s (estimated)
 
 The chapter's kernel tests (`pytest tests/test_recall.py -m gpu`) run in `make gpu`'s `tests` part. Compiles: the
 attribution kernel once per (positions, provider) shape class, one head dim: a handful; no autotuning. The model is not
@@ -60,8 +63,31 @@ def full(budget, seed: int = 0):
     return rows
 
 
+def gpt2(budget):
+    """The paper's GPT-2 head ranking (`rank_heads_hf`: path patching at END on capital-of prompts) when GPT-2's weights
+    are on this machine ($LMCOURSE_GPT2_PATH or the Hugging Face cache; never downloaded): results/recall/gpt2_heads.json;
+    otherwise skipped, with the reason."""
+    import torch
+
+    from lmcourse.recall import rank_heads_hf
+    target = "movers of the paper's code: 7.8, 9.8, 10.0, 11.2, 11.3; negative heads 10.7, 11.10"
+    try:
+        ranking = rank_heads_hf(device="cuda" if torch.cuda.is_available() else "cpu")
+    except FileNotFoundError as e:
+        budget.skip("GPT-2 head ranking", str(e))
+        return [{"metric": "GPT-2 head ranking", "measured": "skipped: no local weights", "target": target}]
+    result = {"effect": ranking.effect.tolist(), "attribution": ranking.attribution.tolist(), "order": ranking.order,
+              "n_prompts": ranking.n_prompts, "clean_metric": ranking.clean_metric, "metric": "logit - mean logit (vocabulary)"}
+    print("saved", save_result("recall", "gpt2_heads", result))
+    return [{"metric": "GPT-2 heads by path-patching effect (most negative first)",
+             "measured": ", ".join(f"{l}.{h} ({e:+.2f})" for l, h, e in ranking.top(8)), "target": target},
+            {"metric": "GPT-2 heads with the largest positive effect",
+             "measured": ", ".join(f"{l}.{h} ({ranking.effect[l, h].item():+.2f})" for l, h in ranking.order[::-1][:3]),
+             "target": "negative heads 10.7, 11.10"}]
+
+
 PARTS = {"bench": (15, bench), "full": (480, full)}   # make gpu, make gpu-run CHAPTER=recall (seconds, estimated)
-BY_HAND = {"sweep": (60, sweep)}   # estimated seconds, not measured
+BY_HAND = {"sweep": (60, sweep), "gpt2": (60, gpt2)}   # estimated seconds, not measured
 
 
 if __name__ == "__main__":   # python scripts/recall_gpu.py [full | all] [--seed N]: no time limit
