@@ -8,10 +8,10 @@ Docs: https://lmcourse.github.io/lmcourse/mom.html.md"""
 __all__ = ['SMOKE', 'BENCH', 'FULL', 'MoMConfig', 'MLPRouter', 'GRURouter', 'make_router', 'StraightThroughSign', 'route',
            'balance_loss', 'MoMChunk', 'mom_from_vanilla', 'mom_model', 'mom_chunk', 'computation_depth',
            'routed_linear_simple', 'rms_scale', 'routed_linear_reference', 'RoutedLinearFunction', 'routed_linear',
-           'gru_router_reference', 'GRURouterFunction', 'gru_router_step', 'compile_cases', 'kernel_vs_loop',
-           'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run', 'plot_smoke', 'removal_ablation',
-           'mom_benchmark', 'plot_benchmark', 'benchmark_summary', 'depth_experiment', 'engine_from_hf_llama',
-           'exercise_rounds_beyond_pool', 'exercise_token_skip', 'exercise_ste_gradient']
+           'gru_router_reference', 'GRURouterFunction', 'gru_router_step', 'compile_cases', 'kernel_vs_loop', 'mom_moe',
+           'moe_reference', 'pointer_graph', 'pointer_chasing_batch', 'task_eval', 'two_phase_run', 'plot_smoke',
+           'removal_ablation', 'mom_benchmark', 'plot_benchmark', 'benchmark_summary', 'depth_experiment',
+           'engine_from_hf_llama', 'exercise_rounds_beyond_pool', 'exercise_token_skip', 'exercise_ste_gradient']
 
 # %% ../nbs/06_mom.ipynb #m0000007
 import copy
@@ -40,6 +40,8 @@ class MoMConfig:
     router_dim: int = 256
     skip: bool = True              # SKIP (the null module) as class M
     temperature: float = 0.2       # p = softmax(s / temperature)
+    top_k: int = 1                 # K: modules (SKIP included) each router picks per token and round
+    renormalize: bool = False      # weights p_j / Σ_top-K p (the released code's softmax router) instead of p_j
     straight_through: bool = False # update with sign(w) = 1, gradient clipped to [-1, 1]
     aux_loss_coef: float = 0.01    # α of the balance loss (attention + FFN routers)
     impl: str = "auto"             # "auto" (Triton on CUDA), "triton" (interpreter on CPU) or "torch" (per-module loop)
@@ -50,6 +52,8 @@ class MoMConfig:
         if self.router not in ("mlp", "gru"): raise ValueError(f"router must be 'mlp' or 'gru', got {self.router!r}")
         if self.impl not in ("auto", "triton", "torch"): raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
         if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 1 <= self.top_k <= self.n_choices:
+            raise ValueError(f"top_k must lie in [1, {self.n_choices}] (pool_size + SKIP choices), got {self.top_k}")
 
     @property
     def vanilla_layers(self) -> int: return self.n_bottom + self.pool_size + self.n_top
@@ -94,15 +98,20 @@ class StraightThroughSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad): return grad.clamp(-1.0, 1.0)
 
-def route(scores: torch.Tensor, temperature: float = 1.0, straight_through: bool = False):
-    "scores [N, n] -> (choice [N] int64, weight [N] fp32, probs [N, n] fp32): top-1 of softmax(scores / temperature)."
+def route(scores: torch.Tensor, temperature: float = 1.0, straight_through: bool = False, top_k: int = 1,
+          renormalize: bool = False):
+    """scores [N, n] -> (choice [N, K] int64, weight [N, K] fp32, probs [N, n] fp32): the top-K classes of
+    p = softmax(scores / temperature), best first (ties to the lower class, as argmax), weight p at each pick —
+    divided by the picks' sum with `renormalize` (the released code) — or, straight through, sign(weight) = 1."""
+    if not 1 <= top_k <= scores.shape[-1]:
+        raise ValueError(f"top_k must lie in [1, {scores.shape[-1]}] (the router's classes), got {top_k}")
     probs = torch.softmax(scores.float() / temperature, dim=-1)
-    choice = probs.argmax(-1)
-    weight = probs.gather(1, choice[:, None])[:, 0]
+    weight, choice = (t[:, :top_k] for t in torch.sort(probs, dim=-1, descending=True, stable=True))
+    if renormalize: weight = weight / weight.sum(-1, keepdim=True)
     return choice, StraightThroughSign.apply(weight) if straight_through else weight, probs
 
 def balance_loss(probs: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
-    "Switch balance loss n·Σ f_i P_i over all decisions: probs [R, n] (R = rounds × tokens), choices [R]."
+    "Switch balance loss n·Σ f_i P_i over all decisions: probs [R, n] (R = rounds × tokens), choices [R] (top-1 picks)."
     n = probs.shape[-1]
     f = torch.bincount(choices, minlength=n).float() / len(choices)
     return n * (f * probs.mean(0)).sum()
@@ -115,8 +124,9 @@ def _stacked(linears, dtype) -> torch.Tensor:
 class MoMChunk(nn.Module):
     """A pool of `pool_size` engine Blocks used for `rounds` routed rounds; forward(x [B, T, d], positions, ...) -> [B, T, d].
 
-    After each forward: `attn_counts`, `ffn_counts` [H, n] (decisions per round and class, SKIP last), `aux_loss`
-    (α·(L_bal^A + L_bal^F) in training), `balance_losses`."""
+    After each forward: `attn_counts`, `ffn_counts` [H, n] (picks per round and class, SKIP last: K per token),
+    `attn_skipped` [H] (tokens whose every attention pick is SKIP), `aux_loss` (α·(L_bal^A + L_bal^F) in training),
+    `balance_losses` (None for a router whose decisions were all forced)."""
     def __init__(self, cfg: ModelConfig, mcfg: MoMConfig, pool: list[nn.Module]):
         super().__init__()
         if len(pool) != mcfg.pool_size: raise ValueError(f"pool has {len(pool)} blocks, MoMConfig.pool_size is {mcfg.pool_size}")
@@ -136,62 +146,74 @@ class MoMChunk(nn.Module):
         return _impl_path(self.mcfg.impl, x)          # AoE's rule: 'auto' is Triton on a GPU, PyTorch on a CPU
 
     def _decide(self, router, x2, state, forced, removed=()):
+        "-> (choice [N, K] int64, weight [N, K], probs [N, n] or None when forced, router state); a forced route is one pick."
         if forced is not None:
             choice = torch.as_tensor(forced, device=x2.device).long().reshape(-1)
             choice = choice.expand(len(x2)) if choice.numel() == 1 else choice
             if choice.shape != (len(x2),) or choice.min() < 0 or choice.max() > self.skip_id:
                 raise ValueError(f"a forced route must be an int or a [B, T] tensor of module ids in [0, {self.skip_id}]")
-            return choice, torch.ones(len(x2), device=x2.device), None, state
+            return choice[:, None], torch.ones(len(x2), 1, device=x2.device), None, state
         scores, state = router(x2, state, fused=self._path(x2) == "triton")
         if removed:
+            if self.mcfg.top_k > scores.shape[-1] - len(set(removed)):
+                raise ValueError(f"top_k = {self.mcfg.top_k} picks, but only {scores.shape[-1] - len(set(removed))} choices remain")
             scores = scores.masked_fill(torch.isin(torch.arange(scores.shape[-1], device=x2.device),
                                                    torch.tensor(removed, device=x2.device)), float("-inf"))
-        choice, weight, probs = route(scores, self.mcfg.temperature, self.mcfg.straight_through)
+        choice, weight, probs = route(scores, self.mcfg.temperature, self.mcfg.straight_through, self.mcfg.top_k,
+                                      self.mcfg.renormalize)
         return choice, weight, probs, state
 
+    def _picks(self, choice, weight, j, shape):
+        "Module j's share of the decisions: (picked [*shape] bool, weight [*shape] — the weight of the pick, 0 elsewhere)."
+        hit = choice == j
+        return hit.any(-1).view(shape), (weight * hit).sum(-1).view(shape)
+
     def attention_step(self, x, choice, weight, positions, segment_ids=None, block_mask=None) -> torch.Tensor:
-        "The routed attention update (without the residual): x [B, T, d], choice/weight [N] -> [B, T, d]."
+        "The routed attention update (without the residual): x [B, T, d], choice/weight [N, K] -> [B, T, d]."
         B, T, d = x.shape
         lead = self.pool[0].attn                          # positions and the attention function: the same for all modules
         if self._path(x) == "torch":
-            sel = choice.view(B, 1, T, 1)
-            q = k = v = None
-            for j, blk in enumerate(self.pool):
-                qj, kj, vj = blk.attn.project(blk.attn_norm(x))
-                q, k, v = ((torch.where(sel == j, new, old) if old is not None else torch.where(sel == j, new, 0.0))
-                           for new, old in ((qj, q), (kj, k), (vj, v)))
+            q = k = v = out = 0.0
+            for j, blk in enumerate(self.pool):           # q, k, v: the sum over the token's picks (SKIP adds nothing)
+                sel, _ = self._picks(choice, weight, j, (B, 1, T, 1))
+                q, k, v = (old + torch.where(sel, new, 0.0) for new, old in zip(blk.attn.project(blk.attn_norm(x)), (q, k, v)))
             q, k = lead.positional(q, k, positions)
             z = lead.attend(q, k, v, segment_ids=segment_ids, block_mask=block_mask)
-            out = torch.zeros_like(x)
             for j, blk in enumerate(self.pool):
-                out = torch.where(choice.view(B, T, 1) == j, blk.attn.output(z), out)
-            return out * weight.view(B, T, 1).to(x.dtype)
+                sel, w_j = self._picks(choice, weight, j, (B, T, 1))
+                out = out + torch.where(sel, blk.attn.output(z) * w_j.to(x.dtype), 0.0)
+            return out
         H, Hkv, D = lead.n_heads, lead.n_kv_heads, lead.head_dim
         cd = _compute_dtype(x)                            # bf16 under autocast: the kernels run in the autocast dtype
         w_qkv = _stacked([(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj) for b in self.pool], cd)
         gain = torch.stack([b.attn_norm.weight for b in self.pool]).to(cd)
-        qkv = routed_linear(x.reshape(B * T, d).to(cd), choice, w_qkv, gain, eps=self.pool[0].attn_norm.eps)
+        x2 = x.reshape(B * T, d).to(cd)
+        qkv = _sum_picks(lambda c, _: routed_linear(x2, c, w_qkv, gain, eps=self.pool[0].attn_norm.eps), choice, weight)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         q, k = lead.positional(q, k, positions)
-        z = lead.attend(q, k, v, segment_ids=segment_ids, block_mask=block_mask).transpose(1, 2).reshape(B * T, H * D)
+        z = lead.attend(q, k, v, segment_ids=segment_ids, block_mask=block_mask).transpose(1, 2).reshape(B * T, H * D).to(cd)
         w_o = _stacked([(b.attn.o_proj,) for b in self.pool], cd)
-        return routed_linear(z.to(cd), choice, w_o, row_weight=weight).view(B, T, d)
+        return _sum_picks(lambda c, w: routed_linear(z, c, w_o, row_weight=w), choice, weight).view(B, T, d)
 
     def ffn_step(self, x, choice, weight) -> torch.Tensor:
-        "The routed SwiGLU update (without the residual): x [B, T, d], choice/weight [N] -> [B, T, d]."
+        "The routed SwiGLU update (without the residual): x [B, T, d], choice/weight [N, K] -> [B, T, d]."
         B, T, d = x.shape
         if self._path(x) == "torch":
-            out = torch.zeros_like(x)
+            out = 0.0
             for j, blk in enumerate(self.pool):
-                out = torch.where(choice.view(B, T, 1) == j, blk.ffn(blk.ffn_norm(x)), out)
-            return out * weight.view(B, T, 1).to(x.dtype)
+                sel, w_j = self._picks(choice, weight, j, (B, T, 1))
+                out = out + torch.where(sel, blk.ffn(blk.ffn_norm(x)) * w_j.to(x.dtype), 0.0)
+            return out
         F_, cd = self.pool[0].ffn.gate.out_features, _compute_dtype(x)
         w_gu = _stacked([(b.ffn.gate, b.ffn.up) for b in self.pool], cd)
         gain = torch.stack([b.ffn_norm.weight for b in self.pool]).to(cd)
-        a, b = routed_linear(x.reshape(B * T, d).to(cd), choice, w_gu, gain, eps=self.pool[0].ffn_norm.eps).split([F_, F_], -1)
         w_down = _stacked([(b.ffn.down,) for b in self.pool], cd)
-        return routed_linear(F.silu(a) * b, choice, w_down, row_weight=weight).view(B, T, d)
+        x2 = x.reshape(B * T, d).to(cd)
+        def module(c, w):                                 # one pick rank: each token through the FFN module it picked
+            a, b = routed_linear(x2, c, w_gu, gain, eps=self.pool[0].ffn_norm.eps).split([F_, F_], -1)
+            return routed_linear(F.silu(a) * b, c, w_down, row_weight=w)
+        return _sum_picks(module, choice, weight).view(B, T, d)
 
     def forward(self, x, positions, *, segment_ids=None, cache=None, layer: int = 0, block_mask=None):
         if cache is not None: raise ValueError("MoMChunk has no KV cache (each round would need its own): run without one")
@@ -210,15 +232,25 @@ class MoMChunk(nn.Module):
                     x = x + self.hook_attn_round(step(x, choice, weight, positions, segment_ids, block_mask))
                 else:
                     x = x + self.hook_ffn_round(step(x, choice, weight))
-        counts = [torch.stack([torch.bincount(c, minlength=n + (forced is not None)) for c, _ in dec])[:, :n].detach()
+        # counts up to the SKIP id even without SKIP (a forced route may name it), then the n classes
+        counts = [torch.stack([torch.bincount(c.flatten(), minlength=self.skip_id + 1) for c, _ in dec])[:, :n].detach()
                   for dec in decisions]
         self.attn_counts, self.ffn_counts = counts
-        self.aux_loss = None
-        if forced is None:
-            self.balance_losses = [balance_loss(torch.cat([p for _, p in dec]), torch.cat([c for c, _ in dec])) for dec in decisions]
-            if self.training and self.mcfg.aux_loss_coef > 0:
-                self.aux_loss = self.mcfg.aux_loss_coef * sum(self.balance_losses)
+        self.attn_skipped = torch.stack([(c == self.skip_id).all(-1).sum() for c, _ in decisions[0]])
+        # the released balance loss counts each decision's top-1 pick (its top_k is fixed to 1)
+        self.balance_losses = [balance_loss(torch.cat([p for _, p in routed]), torch.cat([c[:, 0] for c, _ in routed]))
+                               if routed else None for routed in ([d for d in dec if d[1] is not None] for dec in decisions)]
+        routed_losses = [b for b in self.balance_losses if b is not None]
+        self.aux_loss = (self.mcfg.aux_loss_coef * sum(routed_losses)
+                         if routed_losses and self.training and self.mcfg.aux_loss_coef > 0 else None)
         return x
+
+def _sum_picks(fn, choice: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    "Σ_k fn(choice[:, k], weight[:, k]) over the K pick ranks (choice/weight [N, K]); at K = 1 just fn of the one pick."
+    out = fn(choice[:, 0], weight[:, 0])
+    for k in range(1, choice.shape[1]):
+        out = out + fn(choice[:, k], weight[:, k])
+    return out
 
 # %% ../nbs/06_mom.ipynb #m0000019
 def mom_from_vanilla(vanilla: Transformer, mcfg: MoMConfig) -> Transformer:
@@ -254,7 +286,7 @@ def computation_depth(model: Transformer, tokens: torch.Tensor) -> dict:
     finally:
         for h in handles: h.remove()
     chunk = mom_chunk(model)
-    skipped = chunk.attn_counts[:, chunk.skip_id].sum().item() / tokens.numel() if chunk.mcfg.skip else 0.0
+    skipped = chunk.attn_skipped.sum().item() / tokens.numel() if chunk.mcfg.skip else 0.0
     return dict(depth=calls["vanilla"] + calls["rounds"], mean_token_depth=calls["vanilla"] + calls["rounds"] - skipped)
 
 # %% ../nbs/06_mom.ipynb #m0000026
@@ -554,6 +586,62 @@ def kernel_vs_loop(mom: Transformer, tokens: torch.Tensor) -> dict:
         out[impl] = (logits.detach(), {n: p.grad.clone() for n, p in mom.named_parameters() if p.grad is not None})
     (l0, g0), (l1, g1) = out["torch"], out["triton"]
     return dict(logits=rel_error(l1, l0), worst_grad=max(rel_error(g1[n], g0[n]) for n in g0), grads=len(g0))
+
+# %% ../nbs/06_mom.ipynb #m0000074
+def mom_moe(cfg: ModelConfig, n_experts: int, top_k: int, **mom_kw) -> Transformer:
+    """MoE as a MoM: `cfg.n_layers` MoMChunks of one round, each with its own pool of `n_experts` engine Blocks,
+    attention forced to module 0 (identity routing), the FFN router picking `top_k` of the `n_experts` FFN modules,
+    no SKIP. `mom_kw` go to `MoMConfig` (router_dim, temperature, renormalize, impl, ...)."""
+    mcfg = MoMConfig(n_bottom=0, pool_size=n_experts, rounds=1, n_top=0, skip=False, top_k=top_k, **mom_kw)
+    model = Transformer(replace(cfg, n_layers=cfg.n_layers * n_experts))      # the engine's init for every expert block
+    blocks = list(model.blocks)
+    model.blocks = nn.ModuleList([MoMChunk(model.cfg, mcfg, blocks[l * n_experts:(l + 1) * n_experts]) for l in range(cfg.n_layers)])
+    for chunk in model.blocks: chunk.forced_routes = [(0, None)]             # attention: module 0; FFN: the router
+    return model
+
+class _TokenLoopMoE(nn.Module):
+    "A float64 MoE layer, one token at a time, from the raw weights of one `mom_moe` chunk (MLP router): [B, T, d] -> [B, T, d]."
+    def __init__(self, chunk: MoMChunk):
+        super().__init__()
+        if not isinstance(chunk.ffn_router, MLPRouter): raise ValueError("moe_reference handles the MLP router")
+        self.mcfg = chunk.mcfg
+        lin1, lin2 = chunk.ffn_router.net[0], chunk.ffn_router.net[2]
+        self.router = [t.detach().double() for t in (lin1.weight, lin1.bias, lin2.weight, lin2.bias)]
+        self.experts = [(b.ffn_norm.weight.detach().double(), b.ffn_norm.eps, b.ffn.gate.weight.detach().double(),
+                         b.ffn.up.weight.detach().double(), b.ffn.down.weight.detach().double()) for b in chunk.pool]
+
+    def forward(self, x):
+        w1, b1, w2, b2 = self.router
+        out = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                xt = x[b, t]
+                s = w2 @ torch.relu(w1 @ xt + b1) + b2
+                e = torch.exp((s - s.max()) / self.mcfg.temperature)
+                p = (e / e.sum()).tolist()
+                picks = sorted(range(len(p)), key=lambda j: -p[j])[:self.mcfg.top_k]        # stable: ties to the lower id
+                total = sum(p[j] for j in picks) if self.mcfg.renormalize else 1.0
+                for j in picks:
+                    gain, eps, gate, up, down = self.experts[j]
+                    n = xt / torch.sqrt((xt * xt).mean() + eps) * gain
+                    h = gate @ n
+                    w = 1.0 if self.mcfg.straight_through else p[j] / total
+                    out[b, t] += w * (down @ (h * torch.sigmoid(h) * (up @ n)))
+        return out
+
+@torch.no_grad()
+def moe_reference(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The MoE transformer `mom_moe` should equal, written without the MoM code: in float64, the engine's vanilla
+    blocks with each layer's attention = its pool's module 0 and the FFN = a token-loop MoE layer. tokens [B, T] ->
+    logits [B, T, V] float64."""
+    ref = copy.deepcopy(model).double()
+    blocks = []
+    for chunk in ref.blocks:
+        block = Block(ref.cfg, chunk.pool[0].attn, _TokenLoopMoE(chunk))
+        block.attn_norm, block.ffn_norm = chunk.pool[0].attn_norm, nn.Identity()       # the norms live in the experts
+        blocks.append(block)
+    ref.blocks = nn.ModuleList(blocks)
+    return ref(tokens)[0]
 
 # %% ../nbs/06_mom.ipynb #m0000039
 def pointer_graph(n_nodes: int, graph_seed: int = 0) -> torch.Tensor:

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lmcourse.mom import (MoMConfig, StraightThroughSign, balance_loss, computation_depth, kernel_vs_loop, mom_chunk,
-                          mom_from_vanilla, mom_model, pointer_chasing_batch, pointer_graph, route, routed_linear,
-                          routed_linear_reference, routed_linear_simple, rms_scale, exercise_rounds_beyond_pool,
-                          exercise_ste_gradient, exercise_token_skip)
+from lmcourse.mom import (MoMChunk, MoMConfig, StraightThroughSign, balance_loss, computation_depth, kernel_vs_loop,
+                          mom_chunk, mom_from_vanilla, mom_model, mom_moe, moe_reference, pointer_chasing_batch,
+                          pointer_graph, route, routed_linear, routed_linear_reference, routed_linear_simple, rms_scale,
+                          exercise_rounds_beyond_pool, exercise_ste_gradient, exercise_token_skip)
 from lmcourse.model import ModelConfig, Transformer
 from lmcourse.testing import (LaunchError, assert_close, check_against_reference, gpu_tiles, kernel_device,
-                              kernel_dtypes, poisoned_outputs, random_tensors, tolerance)
+                              kernel_dtypes, poisoned_outputs, random_tensors, rel_error, tolerance)
 
 DEV = kernel_device()
 
@@ -123,10 +123,10 @@ def test_route_and_straight_through():
     (s,), _ = random_tensors([(30, 5)], device="cpu", scale=3.0)
     s.requires_grad_()
     choice, w, p = route(s, 0.2)
-    assert torch.equal(choice, s.argmax(-1)) and torch.allclose(w, p.max(-1).values)
+    assert torch.equal(choice, s.argmax(-1, keepdim=True)) and torch.equal(w, p.max(-1, keepdim=True).values)
     choice, w, _ = route(s, 0.2, straight_through=True)
     assert (w == 1).all()
-    up = torch.linspace(-5, 5, 30)
+    up = torch.linspace(-5, 5, 30)[:, None]
     (w * up).sum().backward()
     # d sign(w)/dw passes up clipped to [-1, 1], then through the softmax: compare with the clipped soft gradient
     s2 = s.detach().clone().requires_grad_()
@@ -198,11 +198,11 @@ def test_params_and_depth():
         mom_from_vanilla(Transformer(_cfg(4)), mcfg)
 
 
-@pytest.mark.parametrize("router,ste", [("mlp", False), ("gru", True)])
-def test_kernel_path_matches_loop_with_gradients(router, ste):
+@pytest.mark.parametrize("router,ste,top_k", [("mlp", False, 1), ("gru", True, 1), ("mlp", False, 2), ("gru", False, 3)])
+def test_kernel_path_matches_loop_with_gradients(router, ste, top_k):
     torch.manual_seed(2)
     mom = mom_model(_cfg(1, n_kv_heads=1), MoMConfig(n_bottom=1, pool_size=3, rounds=2, n_top=0, router=router,
-                                                     straight_through=ste, router_dim=16))
+                                                     straight_through=ste, router_dim=16, top_k=top_k))
     r = kernel_vs_loop(mom, torch.randint(0, 48, (2, 13)))
     assert r["logits"] < 1e-5 and r["worst_grad"] < 1e-4 and r["grads"] == len(list(mom.parameters()))
 
@@ -263,7 +263,9 @@ def test_exercises():
 
 def test_config_errors():
     for kw, msg in [(dict(router="lstm"), "router must be"), (dict(impl="cuda"), "impl must be"),
-                    (dict(rounds=0), "pool_size and rounds"), (dict(temperature=0.0), "temperature")]:
+                    (dict(rounds=0), "pool_size and rounds"), (dict(temperature=0.0), "temperature"),
+                    (dict(top_k=0), r"top_k must lie in \[1, 4\]"), (dict(pool_size=2, top_k=4), r"top_k must lie in \[1, 3\]"),
+                    (dict(pool_size=2, skip=False, top_k=3), r"top_k must lie in \[1, 2\]")]:
         with pytest.raises(ValueError, match=msg):
             MoMConfig(**kw)
 
@@ -361,3 +363,165 @@ def test_smoke_plot():
            **{a: {"loss": 1.0} for a in ("start", "vanilla", "mom", "vanilla_continued")}}
     fig = plot_smoke([run, dict(run, seed=1)])
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+
+
+# ---- top-K routing ----
+
+def test_route_top_k_picks_weights_and_ties():
+    (s,), seed = random_tensors([(40, 6)], device="cpu", scale=2.0)
+    print("seed", seed)
+    for renormalize in (False, True):
+        choice, w, p = route(s, 0.5, top_k=3, renormalize=renormalize)
+        assert choice.shape == w.shape == (40, 3)
+        assert torch.equal(choice, p.topk(3).indices)                              # no ties in a random draw
+        expected = p.gather(1, choice)
+        expected = expected / expected.sum(-1, keepdim=True) if renormalize else expected
+        assert torch.equal(w, expected) and (w[:, :-1] >= w[:, 1:]).all()           # best first
+    choice, w, _ = route(torch.zeros(2, 5), top_k=3)                                 # all tied: the lower classes, as argmax
+    assert choice.tolist() == [[0, 1, 2]] * 2 and torch.allclose(w, torch.full((2, 3), 0.2))
+    assert route(torch.zeros(2, 5))[0].tolist() == [[0], [0]]
+    _, w, _ = route(s, 0.5, straight_through=True, top_k=2)
+    assert (w == 1).all()
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=r"top_k must lie in \[1, 6\]"):
+            route(s, top_k=k)
+
+
+def _released_chunk_reference(chunk: MoMChunk, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The released code's MoM rounds (mom/model.py, MLP router), written its way in float64: topk of the router's
+    softmax, renormalised with a softmax router, a one-hot expert mask, per module `qkv[idx] +=` and `index_add_`
+    of the weighted outputs; SKIP (the last class) is never a module. x [B, T, d] float64 -> [B, T, d]."""
+    c = chunk.mcfg
+    B, T, d = x.shape
+    lead = chunk.pool[0].attn
+    H, Hkv, D = lead.n_heads, lead.n_kv_heads, lead.head_dim
+    x = x.reshape(B * T, d)
+    def decide(router, x):
+        probs = torch.softmax(router(x)[0] / c.temperature, dim=-1)
+        top_score, top_ids = torch.topk(probs, c.top_k, dim=-1)
+        if c.renormalize: top_score = top_score / top_score.sum(-1, keepdim=True)
+        if c.straight_through: top_score = torch.ones_like(top_score)
+        return top_score, torch.nn.functional.one_hot(top_ids, probs.shape[-1]).permute(2, 1, 0)
+    for _ in range(c.rounds):
+        top_score, mask = decide(chunk.attn_router, x)
+        qkv = torch.zeros(B * T, (H + 2 * Hkv) * D, dtype=x.dtype)
+        for j, blk in enumerate(chunk.pool):
+            idx2, idx = torch.where(mask[j])
+            w_qkv = torch.cat([blk.attn.q_proj.weight, blk.attn.k_proj.weight, blk.attn.v_proj.weight])
+            qkv[idx] += blk.attn_norm(x[idx]) @ w_qkv.t()
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split([H * D, Hkv * D, Hkv * D], -1))
+        q, k = lead.positional(q, k, positions)
+        z = lead.attend(q, k, v).transpose(1, 2).reshape(B * T, H * D)
+        out = torch.zeros_like(x)
+        for j, blk in enumerate(chunk.pool):
+            idx2, idx = torch.where(mask[j])
+            out.index_add_(0, idx, (z[idx] @ blk.attn.o_proj.weight.t()) * top_score[idx, idx2, None])
+        x = x + out
+        top_score, mask = decide(chunk.ffn_router, x)
+        out = torch.zeros_like(x)
+        for j, blk in enumerate(chunk.pool):
+            idx2, idx = torch.where(mask[j])
+            out.index_add_(0, idx, blk.ffn(blk.ffn_norm(x[idx])) * top_score[idx, idx2, None])
+        x = x + out
+    return x.view(B, T, d)
+
+
+@pytest.mark.parametrize("renormalize,ste", [(False, False), (True, False), (False, True)])
+def test_top_k_with_skip_vs_released_loop(renormalize, ste):
+    "K = 2 of 3 modules + SKIP, routed (not forced), two rounds: the loop and the kernel path vs the released code's scheme."
+    (x,), seed = random_tensors([(2, 19, 32)], device="cpu")
+    print("seed", seed)
+    torch.manual_seed(seed)
+    cfg = _cfg(3, n_kv_heads=1)
+    mcfg = MoMConfig(n_bottom=0, pool_size=3, rounds=2, n_top=0, router_dim=16, temperature=1.0, top_k=2,
+                     renormalize=renormalize, straight_through=ste, impl="torch")
+    chunk = MoMChunk(cfg, mcfg, list(Transformer(cfg).blocks)).eval()
+    with torch.no_grad():
+        for router in (chunk.attn_router, chunk.ffn_router):
+            router.net[0].weight.normal_(0, 1.0)                       # decisions that differ between tokens
+            s = router(x.reshape(-1, 32))[0]                           # SKIP's bias: in the top 2 for about half the tokens
+            router.net[2].bias[-1] += (s[:, :-1].topk(2).values[:, 1] - s[:, -1]).median() + 0.01
+    positions = torch.arange(19)
+    with torch.no_grad():
+        ref = _released_chunk_reference(copy.deepcopy(chunk).double(), x.double(), positions)
+        loop = copy.deepcopy(chunk).double()(x.double(), positions)
+        assert rel_error(loop, ref) < 1e-6                              # the engine's RMSNorm computes in fp32
+        chunk.mcfg = replace(mcfg, impl="triton")
+        kernel = chunk(x, positions)
+        assert rel_error(kernel, ref) < 1e-5
+    for counts in (chunk.attn_counts, chunk.ffn_counts):                # [rounds, 3 modules + SKIP]
+        assert (counts.sum(1) == 2 * 38).all() and ((counts > 0).sum(1) >= 3).all(), counts   # tokens disagree
+        assert (counts[:, -1] > 0).all() and (counts[:, -1] < 38).all(), counts              # some tokens pick SKIP
+    assert (chunk.attn_skipped == 0).all()                            # two distinct picks: never only SKIP
+
+
+@pytest.mark.parametrize("router", ["mlp", "gru"])
+def test_top_k_kernel_gradients_vs_float64_loop(router):
+    "The kernel path in fp32 (interpreter) against the per-module loop in float64: logits and every gradient, K = 2 with SKIP."
+    torch.manual_seed(0)
+    mom = mom_model(_cfg(1), MoMConfig(n_bottom=1, pool_size=3, rounds=2, n_top=1, router=router, router_dim=16,
+                                       temperature=1.0, top_k=2, impl="triton"))
+    mom.embed_tokens.weight.data *= 50                                # residual std ≈ 1: decisions differ between tokens
+    tokens = torch.randint(0, 48, (2, 11))
+    ref = copy.deepcopy(mom).double()
+    mom_chunk(ref).mcfg = replace(mom_chunk(mom).mcfg, impl="torch")
+    out = {}
+    for name, m in (("kernel", mom), ("loop64", ref)):
+        logits, _ = m(tokens)
+        logits.pow(2).mean().backward()
+        out[name] = (logits.detach(), {n: p.grad for n, p in m.named_parameters()})
+    (l32, g32), (l64, g64) = out["kernel"], out["loop64"]
+    for counts in (mom_chunk(mom).attn_counts, mom_chunk(mom).ffn_counts):
+        assert (counts[:, -1] > 0).all() and (counts > 0).sum() > 4       # SKIP among the picks, and more than 2 classes
+    assert rel_error(l32, l64) < 1e-5
+    assert all(g32[n] is not None and rel_error(g32[n], g64[n]) < 1e-4 for n in g64), \
+        {n: rel_error(g32[n], g64[n]) for n in g64}
+
+
+@pytest.mark.parametrize("top_k,renormalize", [(1, False), (2, False), (2, True), (3, True)])
+def test_separate_pools_with_ffn_top_k_are_moe(top_k, renormalize):
+    "mom_moe (L chunks of one round, attention identity-routed, FFN top-K of E) equals an independent MoE transformer."
+    seed = torch.seed() % 2 ** 31
+    print("seed", seed)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=2, d_ffn=40, max_seq_len=32)
+    moe = mom_moe(cfg, n_experts=4, top_k=top_k, renormalize=renormalize, router_dim=16, temperature=1.0, impl="torch").eval()
+    for chunk in moe.blocks:
+        chunk.ffn_router.net[0].weight.data.normal_(0, 10.0)          # the embeddings are small (std 0.02)
+    tokens = torch.randint(0, 48, (2, 9))
+    ref = moe_reference(moe, tokens)
+    with torch.no_grad():
+        assert rel_error(copy.deepcopy(moe).double()(tokens)[0], ref) < 1e-6
+        for chunk in moe.blocks: chunk.mcfg = replace(chunk.mcfg, impl="triton")
+        assert rel_error(moe(tokens)[0], ref) < 1e-5
+    picks = torch.stack([chunk.ffn_counts[0] for chunk in moe.blocks])
+    assert (picks.sum(1) == top_k * 18).all() and (picks > 0).sum() > top_k * 2   # the tokens disagree
+    assert all((chunk.attn_counts[0, 1:] == 0).all() for chunk in moe.blocks)     # attention: module 0 only
+    assert len(moe.blocks) == 2
+
+
+def test_moe_model_trains_with_aux_loss_from_the_ffn_router():
+    torch.manual_seed(0)
+    moe = mom_moe(_cfg(2), n_experts=3, top_k=2, router_dim=16, impl="torch").train()
+    tokens = torch.randint(0, 48, (2, 10))
+    _, loss = moe(tokens, tokens)
+    for chunk in moe.blocks:
+        assert chunk.balance_losses[0] is None and chunk.balance_losses[1] > 0 and chunk.aux_loss > 0
+    loss.backward()
+    chunk = moe.blocks[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in chunk.ffn_router.parameters())
+    assert all(p.grad is None for p in chunk.attn_router.parameters())        # forced: never used
+    assert all(p.grad is not None for p in chunk.pool[1].ffn.parameters())   # experts 1.. are used by the FFN
+    assert all(p.grad is None or (p.grad == 0).all() for p in chunk.pool[1].attn.parameters())   # nor their attention
+
+
+def test_top_k_bad_input():
+    with pytest.raises(ValueError, match=r"top_k must lie in \[1, 4\]"):
+        mom_moe(_cfg(1), n_experts=4, top_k=5)
+    mom = mom_model(_cfg(1), MoMConfig(n_bottom=0, pool_size=3, rounds=1, n_top=0, top_k=3, router_dim=8))
+    mom_chunk(mom).removed_modules = ((0, 1), ())
+    with pytest.raises(ValueError, match="top_k = 3 picks, but only 2 choices remain"):
+        mom(torch.randint(0, 48, (1, 4)))
+    mom_chunk(mom).removed_modules = ((0,), ())
+    mom(torch.randint(0, 48, (1, 4)))                                              # 3 of 3 remaining: fine
+    assert mom_chunk(mom).attn_counts[:, 0].sum() == 0
