@@ -316,24 +316,27 @@ def test_polar_decode_kernel_fp16_and_3bit():
     assert_close(out, polar_decode_attention_reference(q.double(), pk, keys[:, :, 32:].double(), v.double()).half(), seed=seed)
 
 
-# The GPU's tiles in the interpreter: groups of G = 128 keys, BLOCK_T = 64 tail/plain tiles, and the split count the
+# The GPU's tiles in the interpreter: groups of G = 128 keys, the configs' tiles (32 keys in fp32, 64 in 16-bit: several
+# tiles per block, so a block's tables are rebuilt at its first tile and reused by the others), and the split count the
 # launchers derive from the SM count: 132 SMs give one tile or block per split; 1 SM gives 2 splits of several tiles
 # each, so the loop over a split's tiles and blocks accumulates across iterations as on a GPU.
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("sm_count", [1, 132])
-def test_decode_kernels_at_gpu_tiles(sm_count):
+def test_decode_kernels_at_gpu_tiles(sm_count, dtype):
     seed = fresh_seed()
     B, H, Hq, D, G, n_blocks, tail = 1, 2, 8, 64, 128, 3, 150         # 534 keys: 3 polar blocks + a ragged tail
     L = n_blocks * G + tail
-    keys = _keys(B, H, L, D, seed)
-    (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, L, D)], seed=seed)
+    keys = _keys(B, H, L, D, seed, dtype=dtype)
+    (q, v), _ = random_tensors([(B, Hq, 1, D), (B, H, L, D)], dtype=dtype, seed=seed)
     with gpu_tiles(sm_count=sm_count), poisoned_outputs():
         pk = polar_quantize_triton(keys[:, :, :n_blocks * G], 4, 4, G)
         fused = polar_decode_attention(q, pk, keys[:, :, n_blocks * G:], v)
         plain = decode_attention(q, keys, v)
     compare_polar_keys(pk, polar_quantize(keys[:, :, :n_blocks * G], 4, 4, G))
-    assert_close(fused, polar_decode_attention_reference(q, pk, keys[:, :, n_blocks * G:], v), seed=seed)
-    assert_close(plain, eager_attention(q.double(), keys.double(), v.double()).float(), seed=seed)
+    expected = polar_decode_attention_reference(q.double(), pk, keys[:, :, n_blocks * G:].double(), v.double())
+    assert_close(fused, expected.to(dtype), seed=seed)
+    assert_close(plain, eager_attention(q.double(), keys.double(), v.double()).to(dtype), seed=seed)
 
 
 def test_decode_kernels_reject_bad_inputs():
