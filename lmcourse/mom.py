@@ -26,6 +26,7 @@ import triton.language as tl
 from .aoe import (_compute_dtype, _grouped_blocks, _grouped_matmul, _grouped_weight_grad, _impl_path, sort_by_expert,
                           tile_schedule)
 from .model import Block, HookPoint, ModelConfig, Transformer
+from .rmsnorm import rmsnorm_ref
 from .testing import CompileCase, alloc_output, check_device, check_dtype, use_gpu_tiles
 
 # %% ../nbs/06_mom.ipynb #m0000011
@@ -623,10 +624,9 @@ class _TokenLoopMoE(nn.Module):
                 total = sum(p[j] for j in picks) if self.mcfg.renormalize else 1.0
                 for j in picks:
                     gain, eps, gate, up, down = self.experts[j]
-                    n = xt / torch.sqrt((xt * xt).mean() + eps) * gain
-                    h = gate @ n
+                    n = rmsnorm_ref(xt, gain, eps)
                     w = 1.0 if self.mcfg.straight_through else p[j] / total
-                    out[b, t] += w * (down @ (h * torch.sigmoid(h) * (up @ n)))
+                    out[b, t] += w * (down @ (F.silu(gate @ n) * (up @ n)))
         return out
 
 @torch.no_grad()
